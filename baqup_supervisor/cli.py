@@ -50,20 +50,40 @@ Configuration comes from BAQUP_* environment variables (see the README).
     help=_RUN_HELP,
     context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
 )
-@click.option("--schema", metavar="PATH", help="The agent's agent-schema.json "
-              "[default: $BAQUP_AGENT_SCHEMA, ./agent-schema.json, /etc/baqup/agent-schema.json].")
-@click.option("--role", type=click.Choice(ROLES), help="The job's role [default: ROLE, the "
-              "schema's first role, else snapshot].")
-@click.option("--stdout-artifact", metavar="NAME", help="Capture the child's stdout as "
-              "artifact NAME (compressed and checksummed on the fly).")
-@click.option("--stdin-artifact", metavar="NAME", help="(restore) Verify NAME against the "
-              "manifest and stream it into the child's stdin.")
-@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              metavar="SECONDS", help="Time between SIGTERM and SIGKILL for the child.")
+@click.option(
+    "--schema",
+    metavar="PATH",
+    help="The agent's agent-schema.json "
+    "[default: $BAQUP_AGENT_SCHEMA, ./agent-schema.json, /etc/baqup/agent-schema.json].",
+)
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    help="The job's role [default: ROLE, the schema's first role, else snapshot].",
+)
+@click.option(
+    "--stdout-artifact",
+    metavar="NAME",
+    help="Capture the child's stdout as artifact NAME (compressed and checksummed on the fly).",
+)
+@click.option(
+    "--stdin-artifact",
+    metavar="NAME",
+    help="(restore) Verify NAME against the manifest and stream it into the child's stdin.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time between SIGTERM and SIGKILL for the child.",
+)
 @click.option("--validate", is_flag=True, help="Check the environment; print JSON; exit 0 or 64.")
 @click.option("--info", is_flag=True, help="Print the self-description JSON.")
-@click.version_option(__version__, "--version", prog_name="baqup-run",
-                      message="%(prog)s %(version)s")
+@click.version_option(
+    __version__, "--version", prog_name="baqup-run", message="%(prog)s %(version)s"
+)
 @click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="[ROLE | -- COMMAND [ARG...]]")
 def _run_command(**params: Any) -> RunRequest:
     params["words"] = tuple(params["words"])
@@ -179,8 +199,14 @@ def tool() -> None:
 
 @tool.command()
 @click.option("--schema", metavar="PATH", help="The agent's agent-schema.json.")
-@click.option("--format", "fmt", type=click.Choice(["lines", "docker", "json"]), default="lines",
-              show_default=True, help="KEY=VALUE lines, docker build --label arguments, or JSON.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["lines", "docker", "json"]),
+    default="lines",
+    show_default=True,
+    help="KEY=VALUE lines, docker build --label arguments, or JSON.",
+)
 def labels(schema: str | None, fmt: str) -> None:
     """Print the io.baqup.* image labels for the agent schema (spec section 8)."""
     import shlex

@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 
 def utc_iso(epoch: float | None = None) -> str:
     """`2024-01-15T03:02:15.123456Z` for now, or for an epoch timestamp."""
-    moment = datetime.now(timezone.utc) if epoch is None else datetime.fromtimestamp(
-        epoch, timezone.utc
+    moment = (
+        datetime.now(timezone.utc) if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
     )
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError, ValidationError
 
-from .contract import ROLES
 from .coerce import CoercionError, coerce, shown
+from .contract import ROLES
 from .errors import ConfigError
 from .secret import SECRET_PREFIX, Redactor, Secret
 
@@ -107,7 +107,10 @@ def is_uuid(value: object) -> bool:
 def format_checker() -> FormatChecker:
     checker = FormatChecker()
     for name, check in (
-        ("path", is_path), ("uri", is_uri), ("hostname", is_hostname), ("uuid", is_uuid),
+        ("path", is_path),
+        ("uri", is_uri),
+        ("hostname", is_hostname),
+        ("uuid", is_uuid),
     ):
         checker.checks(name)(check)
     return checker
@@ -256,8 +259,19 @@ def merge_schemas(agent: Mapping[str, Any] | None) -> dict[str, Any]:
     return base
 
 
-_MERGED_KEYS = {"$schema", "$id", "$defs", "title", "description", "properties", "required",
-                "type", "$comment", "examples", "additionalProperties"}
+_MERGED_KEYS = {
+    "$schema",
+    "$id",
+    "$defs",
+    "title",
+    "description",
+    "properties",
+    "required",
+    "type",
+    "$comment",
+    "examples",
+    "additionalProperties",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -306,11 +320,12 @@ def _variable_of(error: ValidationError) -> list[str]:
     if error.path:
         return [str(error.path[0])]
     instance = error.instance if isinstance(error.instance, dict) else {}
+    expected: Any = error.validator_value
     if error.validator == "required":
-        return [str(n) for n in error.validator_value if n not in instance]
+        return [str(n) for n in expected if n not in instance]
     if error.validator == "dependentRequired":
-        missing = []
-        for trigger, needed in error.validator_value.items():
+        missing: list[str] = []
+        for trigger, needed in expected.items():
             if trigger in instance:
                 missing.extend(str(n) for n in needed if n not in instance)
         return missing
@@ -320,7 +335,7 @@ def _variable_of(error: ValidationError) -> list[str]:
 def _message(error: ValidationError, variable: str, value: Any, secret: bool) -> str:
     """An error message that names what was expected and never shows a secret."""
     keyword = str(error.validator)
-    expected = error.validator_value
+    expected: Any = error.validator_value
     text = shown(value if isinstance(value, str) else json.dumps(value), secret)
     if keyword == "required":
         return "is required but not set"
@@ -374,9 +389,7 @@ def _unknown_warnings(environ: Mapping[str, str], known: Iterable[str]) -> list[
     return warnings
 
 
-def load_config(
-    environ: Mapping[str, str] | None = None, schema_path: str | None = None
-) -> Config:
+def load_config(environ: Mapping[str, str] | None = None, schema_path: str | None = None) -> Config:
     """Build the configuration; problems are collected, never raised (see `raise_for_problems`).
 
     A schema file that is missing (when asked for), unreadable or invalid is itself a

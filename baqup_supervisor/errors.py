@@ -125,7 +125,11 @@ class JobFailed(BaqupError):
     default_code = "CHILD_FAILED"
 
     def __init__(
-        self, message: str, *, retriable: bool = False, category: ErrorCategory | None = None,
+        self,
+        message: str,
+        *,
+        retriable: bool = False,
+        category: ErrorCategory | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(message, **kwargs)
@@ -138,7 +142,7 @@ class JobFailed(BaqupError):
         return self._retriable
 
 
-class ShutdownRequested(BaseException):  # noqa: N818 - a request, not an error
+class ShutdownRequested(BaseException):
     """A signal asked the job to stop; deliberately not an `Exception`."""
 
     def __init__(self, signum: int) -> None:

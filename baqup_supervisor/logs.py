@@ -28,7 +28,9 @@ SANITIZE_MODES = ("strict", "moderate", "none")
 
 # --- sanitising ------------------------------------------------------------------
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:@/]*):(?P<pw>[^\s@/]*)@")
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:@/]*):(?P<pw>[^\s@/]*)@"
+)
 _KEY_VALUE = re.compile(
     r"(?i)(?P<key>\b[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
     r"|private[_-]?key|credentials?)\b\s*[=:]\s*)(?P<q>[\"']?)(?P<value>[^\s\"'&,;]+)"
@@ -210,20 +212,29 @@ class Logger:
         self.sanitizer = _sanitizer if _sanitizer is not None else Sanitizer(sanitize)
         self._sink = _sink if _sink is not None else _Sink(stream)
 
-    def bind(self, *, component: str | None = None, job_id: str | None = None,
-             agent_id: str | None = None) -> Logger:
+    def bind(
+        self,
+        *,
+        component: str | None = None,
+        job_id: str | None = None,
+        agent_id: str | None = None,
+    ) -> Logger:
         """A logger sharing this one's stream, level, format and redaction."""
-        child = Logger(
-            level=self.level, fmt=self.fmt, job_id=job_id or self.job_id,
-            agent_id=agent_id or self.agent_id, component=component or self.component,
-            redactor=self.redactor, _sink=self._sink, _sanitizer=self.sanitizer,
+        return Logger(
+            level=self.level,
+            fmt=self.fmt,
+            job_id=job_id or self.job_id,
+            agent_id=agent_id or self.agent_id,
+            component=component or self.component,
+            redactor=self.redactor,
+            _sink=self._sink,
+            _sanitizer=self.sanitizer,
         )
-        return child
 
     def enabled(self, level: LogLevel) -> bool:
         return level >= self.level
 
-    def log(self, level: LogLevel, message: str, **context: Any) -> None:
+    def log(self, level: LogLevel, message: str, /, **context: Any) -> None:
         if level < self.level:
             return
         try:
@@ -239,31 +250,36 @@ class Logger:
             line = self.redactor.redact(render(record, self.fmt))
             self._sink.write(line)
         except Exception:  # noqa: BLE001 - a log call never raises
-            self._sink.write(f'{{"level":"error","message":"log record dropped","component":'
-                             f'"{self.component}"}}')
+            self._sink.write(
+                f'{{"level":"error","message":"log record dropped","component":"{self.component}"}}'
+            )
 
-    def trace(self, message: str, **context: Any) -> None:
+    def trace(self, message: str, /, **context: Any) -> None:
         self.log(LogLevel.TRACE, message, **context)
 
-    def debug(self, message: str, **context: Any) -> None:
+    def debug(self, message: str, /, **context: Any) -> None:
         self.log(LogLevel.DEBUG, message, **context)
 
-    def info(self, message: str, **context: Any) -> None:
+    def info(self, message: str, /, **context: Any) -> None:
         self.log(LogLevel.INFO, message, **context)
 
-    def warn(self, message: str, **context: Any) -> None:
+    def warn(self, message: str, /, **context: Any) -> None:
         self.log(LogLevel.WARN, message, **context)
 
-    def error(self, message: str, **context: Any) -> None:
+    def error(self, message: str, /, **context: Any) -> None:
         self.log(LogLevel.ERROR, message, **context)
 
-    def fatal(self, message: str, **context: Any) -> None:
+    def fatal(self, message: str, /, **context: Any) -> None:
         self.log(LogLevel.FATAL, message, **context)
 
 
 def logger_from_environ(
-    environ: Mapping[str, str], redactor: Redactor, *, job_id: str | None = None,
-    agent_id: str | None = None, stream: IO[str] | None = None,
+    environ: Mapping[str, str],
+    redactor: Redactor,
+    *,
+    job_id: str | None = None,
+    agent_id: str | None = None,
+    stream: IO[str] | None = None,
 ) -> Logger:
     """A logger from the raw environment, before (or without) a valid configuration.
 

@@ -42,14 +42,20 @@ def _default_of(decl: dict[str, Any]) -> str:
 def config_reference() -> str:
     schema = contract_schema()
     required = set(schema.get("required", []))
-    lines = [BEGIN, "", "| Variable | Type | Required | Default | Description |",
-             "|---|---|---|---|---|"]
+    lines = [
+        BEGIN,
+        "",
+        "| Variable | Type | Required | Default | Description |",
+        "|---|---|---|---|---|",
+    ]
     for name, decl in schema["properties"].items():
         lines.append(
             f"| `{name}` | {_type_of(decl)} | {'yes' if name in required else 'no'} | "
             f"{_default_of(decl)} | {decl.get('description', '')} |"
         )
-    lines.append("| `BAQUP_SECRET_*` | string | varies | - | Sensitive values: never logged, "
-                 "never in status, events or errors. |")
+    lines.append(
+        "| `BAQUP_SECRET_*` | string | varies | - | Sensitive values: never logged, "
+        "never in status, events or errors. |"
+    )
     lines += ["", END, ""]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 REDACTED = "[REDACTED]"
-SECRET_PREFIX = "BAQUP_SECRET_"
+SECRET_PREFIX = "BAQUP_SECRET_"  # noqa: S105 - a prefix, not a password
 # Values shorter than this are not searched for in free text: masking every "1" or
 # "ab" would destroy the logs without protecting anything worth the name.
 MIN_REDACT_LENGTH = 3
@@ -28,8 +28,9 @@ class Secret:
     """A string that refuses to be shown. `reveal()` is the only way to the value."""
 
     __slots__ = ("_value",)
+    _value: str
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str | Secret) -> None:
         if isinstance(value, Secret):
             value = value.reveal()
         if not isinstance(value, str):

@@ -1,0 +1,309 @@
+"""The bus: key layout, message encoding, and the transports (Redis and file).
+
+Owns INTERFACE.md section 4: which key each message goes to, its structure and TTL,
+and how a message's fields are encoded (strings as they are, everything else as
+compact JSON). A transport sends one message in one round trip and raises
+`BusUnavailable` on any failure; it never retries, buffers or sleeps: that is the
+outbox's job (outbox.py). A password in the bus URL is never put in a message, a
+log record or an exception text.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+
+from .errors import ConfigError
+from .secret import Secret
+
+DAY = 24 * 3600
+KINDS = ("heartbeat", "progress", "event", "status", "notify")
+
+
+class BusUnavailable(Exception):
+    """The bus cannot be reached or refused a write (the message was not sent)."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key layout of INTERFACE.md section 4 under one prefix."""
+
+    prefix: str
+
+    def heartbeat(self, agent_id: str) -> str:
+        return f"{self.prefix}heartbeat:{agent_id}"
+
+    def progress(self, job_id: str) -> str:
+        return f"{self.prefix}progress:{job_id}"
+
+    def status(self, job_id: str) -> str:
+        return f"{self.prefix}status:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}events:{job_id}"
+
+    @property
+    def notify(self) -> str:
+        return f"{self.prefix}notify"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message for the bus: what it is, where it goes, for how long."""
+
+    kind: str
+    key: str
+    body: Mapping[str, Any]
+    ttl: int | None = None
+    notify: str | None = None  # also publish the whole body on this channel
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "ttl": self.ttl,
+            "notify": self.notify,
+            "body": dict(self.body),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Message:
+        return cls(
+            str(data["kind"]),
+            str(data["key"]),
+            dict(data["body"]),
+            data.get("ttl"),
+            data.get("notify"),
+        )
+
+
+def encode_fields(body: Mapping[str, Any]) -> dict[str, str]:
+    """Hash/stream fields: strings as they are, any other value as compact JSON."""
+    return {
+        str(k): v if isinstance(v, str) else orjson.dumps(v, default=str).decode()
+        for k, v in body.items()
+    }
+
+
+def encode_document(body: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(dict(body), default=str)
+
+
+class Transport(Protocol):
+    name: str
+
+    def ping(self) -> None: ...
+
+    def send(self, message: Message) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def describe_url(url: str) -> str:
+    """The URL with any password masked, for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=f"{user}:[REDACTED]@{host}").geturl()
+
+
+class RedisTransport:
+    """redis://, rediss://, unix:// and redis+sentinel:// through redis-py."""
+
+    name = "redis"
+
+    def __init__(self, url: Secret, *, timeout: float, client_name: str | None = None) -> None:
+        import redis
+
+        self._redis = redis
+        self._sentinel: Any = None
+        text = url.reveal()
+        try:
+            if text.startswith("redis+sentinel://"):
+                self.client = self._sentinel_client(text, timeout)
+            else:
+                self.client = redis.Redis.from_url(
+                    text,
+                    socket_timeout=timeout,
+                    socket_connect_timeout=timeout,
+                    client_name=client_name,
+                    health_check_interval=0,
+                    retry_on_timeout=False,
+                )
+        except (ValueError, TypeError, redis.RedisError) as exc:
+            raise ConfigError(
+                f"BAQUP_BUS_URL: cannot use {describe_url(text)}: {type(exc).__name__}"
+            ) from None
+        self._errors = (redis.RedisError, OSError)
+        self.description = describe_url(text)
+
+    def _sentinel_client(self, text: str, timeout: float) -> Any:
+        """`redis+sentinel://[:password@]host:port[,host:port]/service_name[/db]`."""
+        from redis.sentinel import Sentinel
+
+        parts = urlsplit(text)
+        hostlist = parts.netloc.rsplit("@", 1)[-1]
+        password = unquote(parts.password) if parts.password else None
+        username = unquote(parts.username) if parts.username else None
+        nodes: list[tuple[str, int]] = []
+        for item in hostlist.split(","):
+            host, _, port = item.rpartition(":")
+            nodes.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("redis+sentinel:// needs a service name: /service_name")
+        service, db = path[0], int(path[1]) if len(path) > 1 else 0
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        sentinel_password = query.get("sentinel_password")
+        sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        if sentinel_password:
+            sentinel_kwargs["password"] = sentinel_password  # type: ignore[assignment]
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            nodes,
+            sentinel_kwargs=sentinel_kwargs,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            password=password,
+            username=username,
+            db=db,
+        )
+        return self._sentinel.master_for(service, socket_timeout=timeout)
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except self._errors as exc:
+            raise BusUnavailable(f"{type(exc).__name__}: {_safe(exc)}") from None
+
+    def send(self, message: Message) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        if message.kind == "event":
+            pipe.xadd(message.key, encode_fields(message.body))
+            if message.ttl:
+                pipe.expire(message.key, message.ttl)
+        elif message.kind == "notify":
+            pipe.publish(message.key, encode_document(message.body))
+        else:  # heartbeat, progress, status: a hash replaced whole
+            pipe.delete(message.key)
+            pipe.hset(message.key, mapping=encode_fields(message.body))
+            if message.ttl:
+                pipe.expire(message.key, message.ttl)
+        if message.notify:
+            pipe.publish(message.notify, encode_document(message.body))
+        try:
+            pipe.execute()
+        except self._errors as exc:
+            raise BusUnavailable(f"{type(exc).__name__}: {_safe(exc)}") from None
+        finally:
+            pipe.reset()
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except self._errors:
+            pass
+
+
+def _safe(exc: BaseException) -> str:
+    """An exception's text without anything that looks like a URL's credentials."""
+    return describe_url(str(exc)) if "://" in str(exc) else str(exc)[:300]
+
+
+class FileTransport:
+    """`file:///DIR`: every message appended as one JSON line to `DIR/{key}.jsonl`.
+
+    Each line is written with one `write` on an O_APPEND descriptor and fsynced, so a
+    crash leaves at worst a torn last line, which readers ignore (`read_lines`).
+    """
+
+    name = "file"
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"BAQUP_BUS_URL: file:// URLs take a local path: {url}")
+        self.directory = Path(unquote(parts.path))
+        self.description = url
+        self._lock = threading.Lock()
+
+    def path_for(self, key: str) -> Path:
+        return self.directory / (key.replace("/", "_") + ".jsonl")
+
+    def ping(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK):
+                raise BusUnavailable(f"{self.directory} is not writable")
+        except OSError as exc:
+            raise BusUnavailable(f"{self.directory}: {exc.strerror}") from None
+
+    def send(self, message: Message) -> None:
+        line = encode_document(message.body) + b"\n"
+        targets = [message.key] + ([message.notify] if message.notify else [])
+        try:
+            with self._lock:
+                for key in targets:
+                    append_line(self.path_for(key), line)
+        except OSError as exc:
+            raise BusUnavailable(f"{self.directory}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        pass
+
+
+def append_line(path: Path, line: bytes) -> None:
+    """Append one line durably: O_APPEND, one write, fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(line)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a file-bus or buffer file; a torn or corrupt line is skipped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+def open_transport(url: Secret, *, timeout: float, client_name: str | None = None) -> Transport:
+    text = url.reveal()
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme == "file":
+        return FileTransport(text)
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel"):
+        return RedisTransport(url, timeout=timeout, client_name=client_name)
+    raise ConfigError(
+        f"BAQUP_BUS_URL: unsupported scheme {scheme or '(none)'!r}; expected redis://, rediss://,"
+        " unix://, redis+sentinel:// or file:///DIR"
+    )

@@ -1,0 +1,260 @@
+"""The child process: spawning it, signalling its group, and reaping every zombie.
+
+Owns INTERFACE.md section 2: the child runs in its own process group with the job's
+environment, the write end of the control pipe at `$BAQUP_CONTROL_FD`, default signal
+dispositions and an empty signal mask; its stdout and stderr are pipes unless told
+otherwise. baqup-run makes itself a child subreaper (PR_SET_CHILD_SUBREAPER), so
+orphaned grandchildren are re-parented to it, and `Reaper` collects every zombie
+(as tini does when it is PID 1) while keeping the main child's exit status.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .contract import ExitCode
+from .errors import JobFailed, UsageError
+
+PR_SET_CHILD_SUBREAPER = 36
+# Signals whose disposition baqup-run changes and the child must get back at default.
+DEFAULT_IN_CHILD = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGALRM,
+)
+
+
+def set_child_subreaper() -> bool:
+    """Become the reaper of orphaned descendants (Linux >= 3.4); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class CommandNotFound(UsageError):
+    default_code = "COMMAND_NOT_FOUND"
+
+
+class CommandNotExecutable(JobFailed):
+    default_code = "COMMAND_NOT_EXECUTABLE"
+
+
+def resolve_command(argv0: str, environ: Mapping[str, str]) -> str:
+    """The executable for argv[0], searched on the child's PATH as execvp would."""
+    if "/" in argv0:
+        if not os.path.exists(argv0):
+            raise CommandNotFound(f"command not found: {argv0}")
+        if os.path.isdir(argv0) or not os.access(argv0, os.X_OK):
+            raise CommandNotExecutable(f"command is not executable: {argv0}")
+        return argv0
+    path = environ.get("PATH", os.defpath)
+    found = shutil.which(argv0, path=path)
+    if found is None:
+        for directory in path.split(os.pathsep):
+            candidate = os.path.join(directory or ".", argv0)
+            if os.path.exists(candidate) and not os.path.isdir(candidate):
+                raise CommandNotExecutable(f"command is not executable: {candidate}")
+        raise CommandNotFound(f"command not found: {argv0} (PATH={path})")
+    return found
+
+
+@dataclass
+class Child:
+    """A spawned child; the supervisor owns its pipes' parent ends."""
+
+    pid: int
+    argv: Sequence[str]
+    control_fd: int | None = None
+    stdout_fd: int | None = None
+    stderr_fd: int | None = None
+    stdin_fd: int | None = None
+    status: int | None = None  # raw wait status, once reaped
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def pgid(self) -> int:
+        return self.pid
+
+    @property
+    def exited(self) -> bool:
+        return self.status is not None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code, or minus the signal number that killed it, once reaped."""
+        return None if self.status is None else os.waitstatus_to_exitcode(self.status)
+
+    def signal_group(self, signum: int) -> bool:
+        """Send `signum` to the child's whole process group; False once it is empty."""
+        try:
+            os.killpg(self.pgid, signum)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+def spawn(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    *,
+    control_fd: int,
+    capture_stdout: bool = True,
+    pipe_stdin: bool = False,
+) -> Child:
+    """Start argv in its own process group with the control pipe at `control_fd`."""
+    if not argv:
+        raise UsageError("no command to run")
+    executable = resolve_command(argv[0], environ)
+    parent_fds: list[int] = []
+    child_fds: list[int] = []
+    actions: list[tuple[int, ...]] = []
+
+    def pipe() -> tuple[int, int]:
+        return os.pipe2(os.O_CLOEXEC)
+
+    try:
+        control_read, control_write = pipe()
+        parent_fds.append(control_read)
+        child_fds.append(control_write)
+        stdin_write = None
+        if pipe_stdin:
+            stdin_read, stdin_write = pipe()
+            parent_fds.append(stdin_write)
+            child_fds.append(stdin_read)
+            actions.append((os.POSIX_SPAWN_DUP2, stdin_read, 0))
+        stdout_read = None
+        if capture_stdout:
+            stdout_read, stdout_write = pipe()
+            parent_fds.append(stdout_read)
+            child_fds.append(stdout_write)
+            actions.append((os.POSIX_SPAWN_DUP2, stdout_write, 1))
+        stderr_read, stderr_write = pipe()
+        parent_fds.append(stderr_read)
+        child_fds.append(stderr_write)
+        actions.append((os.POSIX_SPAWN_DUP2, stderr_write, 2))
+        actions.append((os.POSIX_SPAWN_DUP2, control_write, control_fd))
+        # dup2 of a descriptor onto itself may keep CLOEXEC (libc-dependent): move it first.
+        for index, action in enumerate(actions):
+            if action[1] == action[2]:
+                moved = os.dup(action[1])
+                os.set_inheritable(moved, False)
+                child_fds.append(moved)
+                actions[index] = (os.POSIX_SPAWN_DUP2, moved, action[2])
+        try:
+            pid = os.posix_spawn(
+                executable,
+                list(argv),
+                dict(environ),
+                file_actions=actions,
+                setpgroup=0,
+                setsigmask=(),
+                setsigdef=DEFAULT_IN_CHILD,
+            )
+        except PermissionError as exc:
+            raise CommandNotExecutable(f"cannot execute {argv[0]}: {exc.strerror}") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise CommandNotFound(f"command not found: {argv[0]}") from None
+            raise JobFailed(
+                f"cannot start {argv[0]}: {exc.strerror}", code="COMMAND_NOT_EXECUTABLE"
+            ) from None
+    except BaseException:
+        for fd in parent_fds:
+            os.close(fd)
+        raise
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+    for fd in parent_fds:
+        os.set_blocking(fd, False)
+    return Child(
+        pid=pid,
+        argv=list(argv),
+        control_fd=control_read,
+        stdout_fd=stdout_read,
+        stderr_fd=stderr_read,
+        stdin_fd=stdin_write,
+        fds=list(parent_fds),
+    )
+
+
+class Reaper:
+    """Collects exit statuses: the main child's is kept, orphans' are just reaped."""
+
+    def __init__(self, reap_all: bool) -> None:
+        self.reap_all = reap_all
+        self.orphans_reaped = 0
+
+    def reap(self, child: Child | None) -> None:
+        if not self.reap_all:
+            if child is not None and child.status is None:
+                self._wait_one(child)
+            return
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if child is not None and pid == child.pid:
+                child.status = status
+            else:
+                self.orphans_reaped += 1
+
+    @staticmethod
+    def _wait_one(child: Child) -> None:
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            child.status = 0
+            return
+        if pid == child.pid:
+            child.status = status
+
+
+def describe_exit(code: int) -> tuple[ExitCode, str, str]:
+    """A child's exit code as (our exit code, error code, message) per INTERFACE.md 7."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return ExitCode.GENERAL_FAILURE, "CHILD_KILLED", f"the command was killed by {name}"
+    passed = ExitCode(code) if code in _TAXONOMY else ExitCode.GENERAL_FAILURE
+    return passed, "CHILD_FAILED", f"the command exited with code {code}"
+
+
+_TAXONOMY = frozenset(int(c) for c in ExitCode)

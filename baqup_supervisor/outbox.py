@@ -1,0 +1,273 @@
+"""The outbox: every bus message leaves through here, in order, and none is lost.
+
+Owns the sender thread, the fallback buffer and reconnection (spec section 3 "Bus
+Unavailability", INTERFACE.md section 4). `put` never blocks and never raises. While
+the bus is reachable, messages are sent in order. When a send fails, that message
+and every later one are appended to `$BAQUP_BUS_FALLBACK_DIR/{job_id}/buffer.jsonl`
+and fsynced before they count as sent; reconnection follows the configured backoff,
+each attempt reported as a `CONNECTION_RETRY` event; on reconnect the buffer is
+replayed in order before anything new, then removed. `drain` is the end of the job:
+it waits for the buffer to empty, retrying until the grace period runs out.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import backoff
+from .bus import BusUnavailable, Message, Transport, append_line, read_lines
+from .logs import Logger
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    policy: str = "exponential"
+    max_attempts: int = 10
+    base: float = 0.5
+    cap: float = 30.0
+
+
+class FallbackBuffer:
+    """An append-only, fsynced JSON-lines file of messages not yet delivered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+
+    def append(self, message: Message) -> None:
+        append_line(self.path, orjson.dumps(message.to_json(), default=str) + b"\n")
+        self.count += 1
+
+    def messages(self) -> list[Message]:
+        out = []
+        for item in read_lines(self.path):
+            try:
+                out.append(Message.from_json(item))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return out
+
+    def rewrite(self, remaining: list[Message]) -> None:
+        """Keep only `remaining` (after a partial replay), atomically."""
+        if not remaining:
+            self.remove()
+            return
+        tmp = self.path.with_suffix(".tmp")
+        data = b"".join(orjson.dumps(m.to_json(), default=str) + b"\n" for m in remaining)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        self.count = len(remaining)
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        self.count = 0
+        try:
+            self.path.parent.rmdir()
+        except OSError:
+            pass
+
+
+_STOP = object()
+
+
+class Outbox:
+    """Ordered, lossless delivery of bus messages from one sender thread."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        buffer: FallbackBuffer,
+        log: Logger,
+        policy: ReconnectPolicy,
+        on_retry: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.buffer = buffer
+        self.log = log
+        self.policy = policy
+        self.on_retry = on_retry
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self.connected = False
+        self.gave_up = False
+        self.buffer_failed: str | None = None  # why the fallback buffer could not be written
+        self.sent = 0
+        self._attempt = 0
+        self._next_attempt = 0.0
+        self._grace_deadline: float | None = None
+        self._thread = threading.Thread(target=self._run, name="baqup-outbox", daemon=True)
+
+    # --- the caller's side ---------------------------------------------------------
+
+    def start(self, connected: bool) -> None:
+        self.connected = connected
+        if not connected:
+            self._schedule_retry()
+        self._thread.start()
+
+    def put(self, message: Message) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(message)
+
+    @property
+    def undelivered(self) -> int:
+        return self._pending + self.buffer.count
+
+    def drain(self, grace: float) -> bool:
+        """Wait until everything is delivered; keep reconnecting for `grace` seconds.
+
+        True when the bus has every message; False when some are still only in the
+        fallback buffer (or not even there) after the grace period.
+        """
+        deadline = time.monotonic() + grace
+        self._grace_deadline = deadline
+        if not self.connected:
+            self.gave_up = False  # the grace period is a fresh round of attempts
+            self._attempt = 0
+            self._next_attempt = 0.0
+        self._queue.put(None)  # wake the thread
+        with self._idle:
+            while self._pending or (self.buffer.count and not self.buffer_failed):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._idle.wait(min(remaining, 0.2))
+            delivered = not self._pending and not self.buffer.count and self.connected
+        return delivered and self.buffer_failed is None
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=5)
+        self.transport.close()
+
+    # --- the sender thread ---------------------------------------------------------
+
+    def _schedule_retry(self) -> None:
+        self._attempt += 1
+        if self._attempt > self.policy.max_attempts and self._grace_deadline is None:
+            if not self.gave_up:
+                self.gave_up = True
+                self.log.error(
+                    "bus unreachable after all reconnection attempts; buffering until the end "
+                    "of the job",
+                    attempts=self.policy.max_attempts,
+                )
+            self._next_attempt = float("inf")
+            return
+        wait = backoff.delay(
+            self.policy.policy, self._attempt, base=self.policy.base, cap=self.policy.cap
+        )
+        if self._grace_deadline is not None:
+            wait = min(wait, 2.0)
+        self._next_attempt = time.monotonic() + wait
+
+    def _deliver(self, message: Message) -> None:
+        """Send or buffer one message; never raises."""
+        if self.connected:
+            try:
+                self.transport.send(message)
+                self.sent += 1
+                return
+            except BusUnavailable as exc:
+                self.connected = False
+                self.log.warn(
+                    "bus unreachable; buffering messages",
+                    reason=str(exc),
+                    buffer=str(self.buffer.path),
+                )
+                self._attempt = 0
+                self._schedule_retry()
+        self._buffer(message)
+
+    def _buffer(self, message: Message) -> None:
+        try:
+            self.buffer.append(message)
+        except OSError as exc:
+            if self.buffer_failed is None:
+                self.log.error(
+                    "fallback buffer cannot be written; messages are being lost",
+                    buffer=str(self.buffer.path),
+                    reason=exc.strerror,
+                )
+            self.buffer_failed = exc.strerror or str(exc)
+
+    def _try_reconnect(self) -> None:
+        if self.connected or time.monotonic() < self._next_attempt:
+            return
+        attempt = self._attempt
+        if self.on_retry is not None:
+            self.on_retry(attempt, self.transport.name)
+        try:
+            self.transport.ping()
+            self._replay()
+        except BusUnavailable as exc:
+            self.log.debug("bus reconnection failed", attempt=attempt, reason=str(exc))
+            self._schedule_retry()
+            return
+        self.connected = True
+        self._attempt = 0
+        self.log.info("bus reconnected; buffer replayed", attempt=attempt)
+
+    def _replay(self) -> None:
+        messages = self.buffer.messages()
+        if not messages:
+            self.buffer.remove()
+            return
+        latest_heartbeat: dict[str, int] = {}
+        for index, message in enumerate(messages):
+            if message.kind == "heartbeat":
+                latest_heartbeat[message.key] = index
+        for index, message in enumerate(messages):
+            if message.kind == "heartbeat" and latest_heartbeat[message.key] != index:
+                continue  # superseded by a newer heartbeat: stale
+            try:
+                self.transport.send(message)
+            except BusUnavailable:
+                self.buffer.rewrite(messages[index:])
+                raise
+            self.sent += 1
+        self.buffer.remove()
+
+    def _run(self) -> None:
+        while True:
+            timeout = None
+            if not self.connected and self._next_attempt != float("inf"):
+                timeout = max(0.0, min(self._next_attempt - time.monotonic(), 1.0))
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            try:
+                if item is _STOP:
+                    return
+                if not self.connected:
+                    self._try_reconnect()
+                if isinstance(item, Message):
+                    try:
+                        self._deliver(item)
+                    finally:
+                        with self._idle:
+                            self._pending -= 1
+            except Exception as exc:  # noqa: BLE001 - the thread must never die
+                self.log.error("outbox error", error=f"{type(exc).__name__}: {exc}")
+            with self._idle:
+                self._idle.notify_all()

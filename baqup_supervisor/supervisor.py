@@ -1,0 +1,486 @@
+"""The supervisor: one command run as one compliant baqup job.
+
+Owns the RUNNING phase of a command: spawning the child (child.py), the event loop
+over its stdout, stderr and control pipes, signals (SIGTERM/SIGINT abort with a
+grace period, a second one escalates; SIGUSR1 beats; SIGHUP/SIGQUIT/SIGUSR2 are
+forwarded to the group), the job and stall timeouts, and retries of a child that
+exits with a retriable code. Everything about reporting and the end of the job is
+the session's (session.py), which the in-process SDK shares.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import selectors
+import signal
+import string
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import backoff
+from .child import Child, Reaper, describe_exit, set_child_subreaper, spawn
+from .cli import RunRequest
+from .clock import utc_iso
+from .config import load_config
+from .contract import ROLES, AgentState, ExitCode, LogLevel
+from .control import ControlMessage, LineSplitter, parse_message
+from .errors import BaqupError, JobFailed, SecurityViolation, ShutdownRequested, UsageError
+from .logs import Logger, logger_from_environ
+from .session import Session
+from .settings import Settings
+
+READ_SIZE = 256 * 1024
+TICK = 0.25
+DRAIN_AFTER_EXIT = 2.0
+RETRY_BASE = 1.0
+ROUTED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
+FORWARDED = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
+
+
+def ensure_std_fds() -> None:
+    """Open /dev/null on any of fds 0-2 that is closed, so pipes never land there."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def expand(template: str, environ: Mapping[str, str]) -> str:
+    return string.Template(template).safe_substitute(environ)
+
+
+class Supervisor:
+    """Runs `argv` as the job's child inside a `Session`."""
+
+    def __init__(
+        self,
+        session: Session,
+        argv: Sequence[str],
+        environ: Mapping[str, str],
+        *,
+        grace: float,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.session = session
+        self.settings = session.settings
+        self.log = session.log
+        self.argv = list(argv)
+        self.environ = dict(environ)
+        self.extra_env = dict(extra_env or {})
+        self.grace = grace
+        self.child: Child | None = None
+        self.reaper = Reaper(reap_all=True)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._terms: deque[int] = deque()
+        self._lock = threading.Lock()
+        self.abort_error: BaqupError | None = None
+        self.kill_at: float | None = None
+        self.protocol_errors = 0
+        self.child_log = self.log.bind(component="child")
+
+    # --- signals (called on the signal thread) --------------------------------------------
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGUSR1:
+            if self.session.heartbeat is not None:
+                self.session.heartbeat.beat_now()
+            return
+        if signum in FORWARDED:
+            child = self.child
+            if child is not None and not child.exited:
+                child.signal_group(signum)
+                self.log.info(f"forwarded {signal.Signals(signum).name} to the child's group")
+            return
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            with self._lock:
+                self._terms.append(signum)
+        self._poke()
+
+    def take_terms(self) -> list[int]:
+        with self._lock:
+            terms = list(self._terms)
+            self._terms.clear()
+        return terms
+
+    def checkpoint(self) -> None:
+        """Raise ShutdownRequested if a SIGTERM/SIGINT came (outside RUNNING)."""
+        terms = self.take_terms()
+        if terms:
+            raise ShutdownRequested(terms[0])
+
+    # --- the child's environment ------------------------------------------------------------
+
+    def child_environ(self) -> dict[str, str]:
+        s = self.settings
+        env = dict(self.environ)
+        for name, template in self.extra_env.items():
+            env[name] = expand(template, self.environ)
+        env.update(
+            BAQUP_CONTROL_FD=str(s.control_fd),
+            BAQUP_JOB_DIR=str(s.job_dir),
+            BAQUP_WORK_DIR=str(s.work_dir),
+            BAQUP_AGENT_ID=s.agent_id,
+        )
+        return env
+
+    # --- RUNNING ----------------------------------------------------------------------------
+
+    def abort(self, error: BaqupError) -> None:
+        """End the child's group: SIGTERM now, SIGKILL after the grace period."""
+        if self.abort_error is None:
+            self.abort_error = error
+            self.log.warn(
+                f"aborting the job: {error.message}", code=error.code, grace_seconds=self.grace
+            )
+        child = self.child
+        if child is None or (child.exited and not child.group_alive()):
+            return
+        if self.kill_at is None:
+            child.signal_group(signal.SIGTERM)
+            self.kill_at = time.monotonic() + self.grace
+        else:
+            self.kill_now("a second termination request")
+
+    def kill_now(self, why: str) -> None:
+        child = self.child
+        if child is not None and child.signal_group(signal.SIGKILL):
+            self.log.warn(f"SIGKILL sent to the child's group: {why}")
+        self.kill_at = float("inf")
+
+    def _on_line(self, stream: str, line: bytes, truncated: bool) -> None:
+        session = self.session
+        if stream == "control":
+            parsed = parse_message(line, truncated)
+            if isinstance(parsed, ControlMessage):
+                try:
+                    session.handle(parsed)
+                except SecurityViolation as exc:
+                    session.event("SECURITY_VIOLATION", "error", exc.message)
+                    self.abort(exc)
+                return
+            self.protocol_errors += 1
+            session.event("PROTOCOL_ERROR", "warn", f"{parsed.reason}: {parsed.excerpt}")
+            return
+        text = line.decode("utf-8", "replace")
+        if truncated:
+            self.child_log.info(text, stream=stream, truncated=True)
+        else:
+            self.child_log.info(text, stream=stream)
+
+    def run_child(self) -> int:
+        """Run the child once, to its end; the raw exit code (negative: killed by signal)."""
+        s = self.settings
+        self.abort_error = None
+        self.kill_at = None
+        self.child = child = spawn(self.argv, self.child_environ(), control_fd=s.control_fd)
+        self.log.info("child started", pid=child.pid, command=self.argv[0])
+        selector = selectors.DefaultSelector()
+        splitters: dict[int, tuple[str, LineSplitter]] = {}
+        for fd, name in (
+            (child.control_fd, "control"),
+            (child.stdout_fd, "stdout"),
+            (child.stderr_fd, "stderr"),
+        ):
+            if fd is not None:
+                selector.register(fd, selectors.EVENT_READ)
+                splitters[fd] = (name, LineSplitter())
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        self.session.touch()
+        exited_at: float | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                for key, _ in selector.select(self._timeout(now)):
+                    if key.fd == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    self._read(selector, key.fd, splitters)
+                self.reaper.reap(child)
+                for _ in self.take_terms():
+                    self.abort(JobFailed("terminated by signal", code="ABORTED"))
+                now = time.monotonic()
+                self._check_timers(now)
+                assert self.session.reporter is not None
+                self.session.reporter.tick(now)
+                if child.exited:
+                    if exited_at is None:
+                        exited_at = now
+                        self._after_exit(child)
+                    open_pipes = [fd for fd in splitters if fd in selector.get_map()]
+                    if not open_pipes:
+                        break
+                    if now - exited_at > DRAIN_AFTER_EXIT and not child.group_alive():
+                        break
+                    if now - exited_at > DRAIN_AFTER_EXIT + self.grace:
+                        break
+        finally:
+            for name, splitter in splitters.values():
+                for line, truncated in splitter.flush():
+                    self._on_line(name, line, truncated)
+            selector.close()
+            child.close()
+        code = child.exit_code
+        assert code is not None
+        self.log.info("child exited", exit_code=code, pid=child.pid)
+        return code
+
+    def _after_exit(self, child: Child) -> None:
+        """The main child is gone: what is left of its group gets SIGTERM, then SIGKILL."""
+        if child.group_alive():
+            self.log.warn("the child exited but its process group lives on; terminating it")
+            child.signal_group(signal.SIGTERM)
+            if self.kill_at is None:
+                self.kill_at = time.monotonic() + self.grace
+
+    def _read(
+        self,
+        selector: selectors.BaseSelector,
+        fd: int,
+        splitters: dict[int, tuple[str, LineSplitter]],
+    ) -> None:
+        name, splitter = splitters[fd]
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            selector.unregister(fd)
+            for line, truncated in splitter.flush():
+                self._on_line(name, line, truncated)
+            return
+        self.session.touch()
+        for line, truncated in splitter.feed(data):
+            self._on_line(name, line, truncated)
+
+    def _timeout(self, now: float) -> float:
+        deadlines = [now + TICK]
+        if self.kill_at is not None:
+            deadlines.append(self.kill_at)
+        return max(0.0, min(deadlines) - now)
+
+    def _check_timers(self, now: float) -> None:
+        s = self.settings
+        session = self.session
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_now(f"still running {self.grace:g} s after SIGTERM")
+        if self.abort_error is not None:
+            return
+        if s.job_timeout and now - session.started > s.job_timeout:
+            self.abort(
+                JobFailed(
+                    f"the job exceeded BAQUP_JOB_TIMEOUT ({s.job_timeout:g} s)", code="JOB_TIMEOUT"
+                )
+            )
+        elif s.stall_timeout:
+            allowed = max(session.last_activity + s.stall_timeout, session.intent_until)
+            if now > allowed:
+                self.abort(
+                    JobFailed(
+                        f"no output and no control message for {s.stall_timeout:g} s "
+                        "(BAQUP_AGENT_STALL_TIMEOUT)",
+                        code="STALLED",
+                    )
+                )
+
+    # --- attempts ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """All attempts of the child; raises the error that ends the job, if any."""
+        s = self.settings
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            stamp = time.time()
+            code = self.run_child()
+            if self.abort_error is not None:
+                self._record(attempt, stamp, started, self.abort_error.code)
+                raise self.abort_error
+            if code == 0:
+                if attempt > 1:
+                    self._record(attempt, stamp, started, None)
+                return
+            exit_code, error_code, message = describe_exit(code)
+            self._record(attempt, stamp, started, f"exit {code}" if code > 0 else error_code)
+            retriable = code in s.retriable_exit_codes
+            failure = JobFailed(message, code=error_code, exit_code=exit_code, retriable=retriable)
+            if not retriable or attempt > s.retry_max:
+                raise failure
+            wait = backoff.delay(s.retry_backoff, attempt, base=RETRY_BASE, cap=60.0, jitter=0.1)
+            if s.job_timeout and time.monotonic() + wait - self.session.started > s.job_timeout:
+                raise failure
+            self.session.event(
+                "JOB_RETRY",
+                "warn",
+                f"{message}; retrying in {wait:.1f} s (attempt {attempt + 1} of {s.retry_max + 1})",
+            )
+            self.log.warn("retrying the command", attempt=attempt + 1, wait_seconds=wait)
+            self._sleep(wait)
+            self.session.staging.empty()
+            self.session.declared.clear()
+            self.session.components.clear()
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, but a SIGTERM ends the wait (and the job)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.reaper.reap(None)
+            terms = self.take_terms()
+            if terms:
+                raise JobFailed("terminated by signal while waiting to retry", code="ABORTED")
+            select.select([self._wake_r], [], [], min(left, TICK))
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+
+    def _record(self, attempt: int, stamp: float, started: float, error: str | None) -> None:
+        entry: dict[str, Any] = {
+            "attempt": attempt,
+            "timestamp": utc_iso(stamp),
+            "duration_ms": int((time.monotonic() - started) * 1000),
+        }
+        if error is not None:
+            entry["error"] = error
+        self.session.attempts.append(entry)
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# --- the job, from the command line ------------------------------------------------------
+
+
+def _resolve(
+    request: RunRequest, settings_meta: Mapping[str, Any]
+) -> tuple[str | None, list[str], dict[str, Any]]:
+    """(role, argv, per-role options) from the request and the schema's commands."""
+    commands = settings_meta.get("commands")
+    commands = commands if isinstance(commands, Mapping) else {}
+    role = request.role
+    if request.command is None and request.words:
+        word = request.words[0]
+        if len(request.words) == 1 and (word in ROLES or word in commands):
+            if role is not None and role != word:
+                raise UsageError(f"--role {role} contradicts the role word {word}")
+            role = word
+        else:
+            return role, list(request.words), {}
+    if request.command is not None:
+        return role, list(request.command), {}
+    chosen = role or next(iter(commands), None)
+    if chosen is None or chosen not in commands:
+        raise UsageError(
+            "no command: use `baqup-run [OPTIONS] -- COMMAND [ARG...]`, or `baqup-run ROLE` "
+            "with a schema whose x-baqup-agent.commands maps ROLE"
+            + (f" (role {chosen!r} has no command)" if chosen else "")
+        )
+    spec = commands[chosen]
+    options = dict(spec) if isinstance(spec, Mapping) else {"argv": list(spec)}
+    return chosen, [str(a) for a in options.pop("argv")], options
+
+
+def run_job(request: RunRequest) -> int:
+    """baqup-run's main path: the exit code of one supervised job."""
+    ensure_std_fds()
+    environ = dict(os.environ)
+    config = load_config(environ, request.schema)
+    boot_log = logger_from_environ(environ, config.redactor)
+    for warning in config.warnings:
+        boot_log.warn(str(warning), variable=warning.variable)
+    if not config.valid:
+        config.raise_for_problems()
+    role, argv, options = _resolve(request, config.agent_meta)
+    if (
+        request.stdout_artifact
+        or request.stdin_artifact
+        or options.get("stdout_artifact")
+        or options.get("stdin_artifact")
+    ):
+        raise UsageError(
+            "--stdout-artifact and --stdin-artifact are not available in this version of baqup-run"
+        )
+    settings = Settings.from_config(config, role=role, environ=environ)
+    log = logger_from_environ(environ, config.redactor, agent_id=settings.agent_id)
+    session = Session(settings, log, config.redactor)
+    session.allow_empty = bool(options.get("allow_empty_artifact", False))
+    supervisor = Supervisor(
+        session, argv, environ, grace=request.grace, extra_env=options.get("env")
+    )
+    return _drive(session, supervisor, log)
+
+
+def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
+    from .signals import SignalRouter
+
+    subreaper = set_child_subreaper()
+    router = SignalRouter(ROUTED, on_error=lambda exc: log.error(f"signal handling: {exc}"))
+    for signum in ROUTED:
+        router.route(signum, supervisor.on_signal)
+    error: BaseException | None = None
+    with router:
+        try:
+            log.info(
+                "job starting", role=session.settings.role, subreaper=subreaper, pid=os.getpid()
+            )
+            session.connect()
+            supervisor.checkpoint()
+            session.prepare_staging()
+            supervisor.checkpoint()
+            session.lifecycle.advance(AgentState.RUNNING)
+            supervisor.run()
+            session.lifecycle.advance(AgentState.COMPLETING)
+            session.commit()
+            for late in supervisor.take_terms():
+                log.warn(
+                    f"{signal.Signals(late).name} during COMPLETING: the commit finished first"
+                )
+        except ShutdownRequested as exc:
+            error = JobFailed(
+                f"terminated by {signal.Signals(exc.signum).name} before the command started",
+                code="ABORTED",
+            )
+        except BaqupError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - the job's end must always be reported
+            log.log(LogLevel.FATAL, f"internal error: {type(exc).__name__}: {exc}")
+            error = exc
+        if error is not None and not session.settings.retain_on_failure:
+            try:
+                session.staging.empty()
+            except OSError as exc:
+                log.warn("could not empty the work dir", reason=exc.strerror)
+        code = session.finish(error)
+        supervisor.close()
+    return code if code in {int(c) for c in ExitCode} else int(ExitCode.INTERNAL_ERROR)
