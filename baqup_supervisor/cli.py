@@ -256,3 +256,161 @@ def tool_run(argv: Sequence[str] | None = None) -> int:
 
 def tool_main() -> NoReturn:
     sys.exit(tool_run())
+
+
+# --- baqup emit ----------------------------------------------------------------------
+
+
+@tool.group()
+def emit() -> None:
+    """Write a control message to $BAQUP_CONTROL_FD (for shell agents under baqup-run)."""
+
+
+@emit.command("progress")
+@click.option("--percent", type=click.FloatRange(0, 100), help="Percent complete.")
+@click.option("--bytes", "bytes_", type=click.IntRange(min=0), help="Bytes processed.")
+@click.option("--files", type=click.IntRange(min=0), help="Files processed.")
+@click.option("--current-file", help="The file being processed.")
+@click.option("--eta", type=click.FloatRange(min=0), help="Estimated seconds remaining.")
+def emit_progress(
+    percent: float | None,
+    bytes_: int | None,
+    files: int | None,
+    current_file: str | None,
+    eta: float | None,
+) -> None:
+    """Report progress."""
+    from .emit import drop_none, write_message
+
+    write_message(
+        drop_none(
+            {
+                "type": "progress",
+                "percent_complete": percent,
+                "bytes_processed": bytes_,
+                "files_processed": files,
+                "current_file": current_file,
+                "estimated_remaining_seconds": eta,
+            }
+        )
+    )
+
+
+@emit.command("intent")
+@click.argument("operation", required=False)
+@click.option(
+    "--expected-seconds",
+    type=click.FloatRange(min=0),
+    help="How long the operation is expected to take.",
+)
+@click.option("--detail", help="What the operation works on.")
+@click.option("--clear", is_flag=True, help="Clear the current intent.")
+def emit_intent(
+    operation: str | None, expected_seconds: float | None, detail: str | None, clear: bool
+) -> None:
+    """Declare a long operation (carried in every heartbeat), or --clear it."""
+    from .emit import drop_none, write_message
+
+    if clear == bool(operation):
+        raise UsageError("give an OPERATION or --clear (not both)")
+    if clear:
+        write_message({"type": "intent", "operation": None})
+        return
+    write_message(
+        {
+            "type": "intent",
+            "operation": operation,
+            **drop_none({"expected_duration_seconds": expected_seconds, "detail": detail}),
+        }
+    )
+
+
+@emit.command("event")
+@click.argument("code")
+@click.option(
+    "--severity",
+    type=click.Choice(["trace", "debug", "info", "warn", "error", "fatal"]),
+    default="warn",
+    show_default=True,
+)
+@click.option("--message", "-m", help="What happened.")
+@click.option("--path", help="The file or resource concerned.")
+def emit_event(code: str, severity: str, message: str | None, path: str | None) -> None:
+    """Report an event (aggregated per CODE, e.g. PERMISSION_DENIED)."""
+    from .emit import drop_none, write_message
+
+    write_message(
+        drop_none(
+            {"type": "event", "code": code, "severity": severity, "message": message, "path": path}
+        )
+    )
+
+
+@emit.command("artifact")
+@click.argument("filename")
+@click.option("--compression", help="zstd, gzip, lz4 or none [default: from the suffix].")
+def emit_artifact(filename: str, compression: str | None) -> None:
+    """Declare FILENAME (relative to $BAQUP_WORK_DIR) an artifact."""
+    from .emit import drop_none, write_message
+
+    write_message(drop_none({"type": "artifact", "filename": filename, "compression": compression}))
+
+
+@emit.command("component")
+@click.argument("name")
+@click.option("--status", type=click.Choice(["success", "failed"]), required=True)
+@click.option("--artifact", help="The component's artifact (relative to $BAQUP_WORK_DIR).")
+@click.option("--error", "error_code", help="Error code of a failed component.")
+@click.option("--error-message", help="Error message of a failed component.")
+def emit_component(
+    name: str, status: str, artifact: str | None, error_code: str | None, error_message: str | None
+) -> None:
+    """Report one component's result (for partial failure)."""
+    from .emit import drop_none, write_message
+
+    error = drop_none({"code": error_code, "message": error_message}) or None
+    write_message(
+        drop_none(
+            {
+                "type": "component",
+                "name": name,
+                "status": status,
+                "artifact": artifact,
+                "error": error,
+            }
+        )
+    )
+
+
+@emit.command("metadata")
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+def emit_metadata(pairs: tuple[str, ...]) -> None:
+    """Merge KEY=VALUE pairs into the manifest's source_metadata (JSON values allowed)."""
+    from .emit import parse_pairs, write_message
+
+    write_message({"type": "metadata", "source_metadata": parse_pairs(pairs, "metadata")})
+
+
+@emit.command("log")
+@click.argument("message")
+@click.option(
+    "--level",
+    type=click.Choice(["trace", "debug", "info", "warn", "error", "fatal"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--context", "pairs", multiple=True, metavar="KEY=VALUE", help="Context fields (repeatable)."
+)
+def emit_log(message: str, level: str, pairs: tuple[str, ...]) -> None:
+    """Log MESSAGE as a structured record of the job."""
+    from .emit import parse_pairs, write_message
+
+    write_message(
+        {
+            "type": "log",
+            "level": level,
+            "message": message,
+            "context": parse_pairs(pairs, "--context"),
+        }
+    )

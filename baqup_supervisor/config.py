@@ -288,6 +288,7 @@ class Config:
     schema: Mapping[str, Any]
     schema_path: Path | None
     redactor: Redactor = field(repr=False, compare=False)
+    agent_properties: tuple[str, ...] = ()  # the variables the agent's own schema declares
 
     @property
     def valid(self) -> bool:
@@ -461,6 +462,7 @@ def load_config(environ: Mapping[str, str] | None = None, schema_path: str | Non
         schema=schema,
         schema_path=path,
         redactor=redactor,
+        agent_properties=tuple((agent_schema or {}).get("properties", {})),
     )
 
 

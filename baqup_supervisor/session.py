@@ -10,6 +10,8 @@ code. It knows nothing about child processes or signals: the supervisor
 from __future__ import annotations
 
 import time
+
+import orjson
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,6 +122,21 @@ class Session:
 
     def prepare_staging(self) -> None:
         self.staging.prepare()
+
+    def defaults_as_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The agent schema's defaults for variables the environment leaves unset, as text."""
+        properties = self.settings.agent_properties
+        out = {}
+        for name, value in self.settings.values.items():
+            if name in environ or name not in properties or name.startswith("BAQUP_SECRET_"):
+                continue
+            if isinstance(value, bool):
+                out[name] = "true" if value else "false"
+            elif isinstance(value, (list, dict)):
+                out[name] = orjson.dumps(value).decode()
+            elif value is not None:
+                out[name] = str(value)
+        return out
 
     # --- control messages --------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class Settings:
     bus_timeout: float
     control_fd: int
     meta: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    agent_properties: tuple[str, ...] = ()  # the variables the agent's own schema declares
     values: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -132,4 +133,5 @@ class Settings:
             control_fd=int(v["BAQUP_CONTROL_FD"]),
             meta=meta,
             values=v,
+            agent_properties=config.agent_properties,
         )

@@ -133,8 +133,9 @@ class Supervisor:
     # --- the child's environment ------------------------------------------------------------
 
     def child_environ(self) -> dict[str, str]:
+        """The environment as it came in, schema defaults filled in, plus the job's paths."""
         s = self.settings
-        env = dict(self.environ)
+        env = {**self.session.defaults_as_env(self.environ), **self.environ}
         for name, template in self.extra_env.items():
             env[name] = expand(template, self.environ)
         env.update(

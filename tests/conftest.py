@@ -80,10 +80,28 @@ def start_redis(directory: Path, port: int | None = None, *extra: str) -> RedisS
         chosen = port or free_port()
         log = directory / f"redis-{chosen}.log"
         process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(chosen), "--dir", str(directory),
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes",
-             "--logfile", str(log), "--daemonize", "no", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(chosen),
+                "--dir",
+                str(directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--logfile",
+                str(log),
+                "--daemonize",
+                "no",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -139,15 +157,29 @@ def job_env(tmp_path: Path, job_id: str) -> dict[str, str]:
 
 
 def run_baqup(
-    args: list[str], env: dict[str, str], *, timeout: float = 60, cwd: Path | None = None,
-    stdin: bytes | None = None, tool: bool = False,
+    args: list[str],
+    env: dict[str, str],
+    *,
+    timeout: float = 60,
+    cwd: Path | None = None,
+    stdin: bytes | None = None,
+    tool: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real baqup-run (or `baqup` with tool=True) and capture its output as text."""
-    argv = [PYTHON, "-c", "from baqup_supervisor.cli import tool_main; tool_main()"] \
-        if tool else [PYTHON, "-m", "baqup_supervisor"]
+    argv = (
+        [PYTHON, "-c", "from baqup_supervisor.cli import tool_main; tool_main()"]
+        if tool
+        else [PYTHON, "-m", "baqup_supervisor"]
+    )
     return subprocess.run(
-        [*argv, *args], env=env, cwd=cwd, input=stdin.decode() if stdin else None,
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [*argv, *args],
+        env=env,
+        cwd=cwd,
+        input=stdin.decode() if stdin else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from baqup_supervisor import Secret
 from baqup_supervisor.config import Config, Problem, load_config
+from baqup_supervisor.errors import ConfigError
 
 JOB_ID = "123e4567-e89b-12d3-a456-426614174000"
 SECRET_VALUE = "Sup3r-S3cret-Value!"
@@ -212,9 +213,10 @@ def test_every_problem_at_once() -> None:
             "BAQUP_STAGING_DIR",
         ]
     )
-    with pytest.raises(Exception, match="6 configuration problems") as info:
+    with pytest.raises(ConfigError, match="6 configuration problems") as info:
         config.raise_for_problems()
-    assert getattr(info.value, "problems", None) == list(config.problems)
+    assert info.value.problems == list(config.problems)
+    assert info.value.exit_code == 64
 
 
 def test_invalid_job_id_together_with_others() -> None:
