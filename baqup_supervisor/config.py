@@ -282,7 +282,7 @@ _MERGED_KEYS = {
 class Config:
     """The validated configuration: typed values, defaults applied, secrets wrapped."""
 
-    values: Mapping[str, Any]
+    values: Mapping[str, Any] = field(repr=False)
     problems: tuple[Problem, ...]
     warnings: tuple[Problem, ...]
     schema: Mapping[str, Any]
@@ -363,7 +363,23 @@ def _message(error: ValidationError, variable: str, value: Any, secret: bool) ->
         return f"expected {bound} {expected} {what}"
     if keyword == "type":
         return f"expected type {expected}; got {text}"
+    if not error.path:
+        return _root_rule(keyword, expected)
     return f"invalid ({keyword})" if secret else f"invalid ({keyword}): {error.message}"
+
+
+def _root_rule(keyword: str, expected: Any) -> str:
+    """A rule about the whole environment, described without quoting any value."""
+    if keyword in ("anyOf", "oneOf") and isinstance(expected, list):
+        options = [
+            " and ".join(branch["required"])
+            for branch in expected
+            if isinstance(branch, dict) and isinstance(branch.get("required"), list)
+        ]
+        if options and len(options) == len(expected):
+            which = "one of" if keyword == "anyOf" else "exactly one of"
+            return f"{which} these must be set: {'; '.join(options)}"
+    return f"the environment does not satisfy the schema's {keyword} rule"
 
 
 def _default_of(decl: Mapping[str, Any]) -> tuple[bool, Any]:
@@ -424,9 +440,8 @@ def load_config(environ: Mapping[str, str] | None = None, schema_path: str | Non
         try:
             instance[name] = coerce(text, decl)
         except CoercionError as exc:
-            problems.append(
-                Problem(name, f"expected {exc.message}; got {shown(text, secret)}", exc.keyword)
-            )
+            message = f"expected {exc.message}; got {shown(text, secret)}"
+            problems.append(Problem(name, redactor.redact(message), exc.keyword))
             instance[name] = text
             unparsable.add(name)
 

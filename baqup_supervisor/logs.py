@@ -10,6 +10,7 @@ sanitising mode. A log call never raises and never interleaves with another.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ _URL_CREDENTIALS = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:@/]*):(?P<pw>[^\s@/]*)@"
 )
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<key>\b[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
+    r"(?i)(?P<key>\b(?!BAQUP_)[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
     r"|private[_-]?key|credentials?)\b\s*[=:]\s*)(?P<q>[\"']?)(?P<value>[^\s\"'&,;]+)"
 )
 _BEARER = re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
@@ -119,7 +120,8 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value, default=_fallback, option=orjson.OPT_NON_STR_KEYS)
     except (TypeError, orjson.JSONEncodeError):
-        return orjson.dumps(str(value))
+        # e.g. an integer beyond 64 bits: the stdlib encoder keeps the structure
+        return json.dumps(value, default=_fallback, separators=(",", ":")).encode()
 
 
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
@@ -127,7 +129,11 @@ _RESERVED = ("timestamp", "level", "job_id", "agent_id", "component", "message")
 
 
 def _logfmt_value(value: Any) -> str:
-    text = value if isinstance(value, str) else dumps(value).decode()
+    if isinstance(value, str):
+        text = value
+    else:
+        encoded = dumps(value).decode()
+        text = json.loads(encoded) if encoded.startswith('"') else encoded
     if text and _LOGFMT_BARE.fullmatch(text):
         return text
     return dumps(text).decode()
@@ -160,7 +166,8 @@ def render(record: Mapping[str, Any], fmt: str) -> str:
 
 def _items(context: Mapping[str, Any]) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    _flatten("", context, out)
+    if context:
+        _flatten("", context, out)
     return out
 
 

@@ -113,6 +113,7 @@ def encodings(value: str) -> set[str]:
         quote_plus(value, safe=""),
         quote(value),
         raw.hex(),
+        raw.hex().upper(),
     }
     forms.update(_b64_fragments(raw))
     return {form for form in forms if len(form) >= MIN_REDACT_LENGTH}

@@ -10,10 +10,10 @@ code. It knows nothing about child processes or signals: the supervisor
 from __future__ import annotations
 
 import time
-
-import orjson
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from .bus import Keys, open_transport
 from .clock import utc_iso
