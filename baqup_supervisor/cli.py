@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -414,3 +415,48 @@ def emit_log(message: str, level: str, pairs: tuple[str, ...]) -> None:
             "context": parse_pairs(pairs, "--context"),
         }
     )
+
+
+# --- baqup verify, decrypt --------------------------------------------------------------
+
+
+@tool.command()
+@click.argument("job_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--no-checksums", is_flag=True, help="Check presence and sizes only.")
+def verify(job_dir: Path, no_checksums: bool) -> int:
+    """Check a committed job dir: manifest, every artifact, sizes and checksums.
+
+    Prints a JSON report; exits 0 when valid, 65 when incomplete or corrupt.
+    """
+    from .verify import verify_job_dir
+
+    report = verify_job_dir(job_dir, check_checksums=not no_checksums)
+    _print_json(report)
+    return int(ExitCode.SUCCESS if report["valid"] else ExitCode.DATA_ERROR)
+
+
+@tool.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the plaintext here (atomically) instead of stdout.")
+@click.option("--key-env", default="BAQUP_SECRET_ENCRYPTION_KEY", show_default=True,
+              help="The environment variable holding the key (hex or base64).")
+@click.option("--decompress", type=click.Choice(["auto", "zstd", "gzip", "lz4", "none"]),
+              default="none", show_default=True,
+              help="Also decompress (auto: from the file name before .enc).")
+def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompress: str) -> int:
+    """Decrypt an encrypted artifact (its PARTS in order); fail loudly on any tampering."""
+    from .encryption import decrypt_stream, parse_key
+    from .restore import ConcatReader, decoded_output
+    from .secret import Secret
+
+    key = parse_key(Secret(os.environ.get(key_env, "")), key_env)
+    algorithm = decompress
+    if algorithm == "auto":
+        from .staging import compression_of
+
+        algorithm = compression_of(str(parts[0]).split(".enc")[0])
+    with ConcatReader(parts) as reader, decoded_output(output, algorithm) as sink:
+        for chunk in decrypt_stream(reader, key):
+            sink(chunk)
+    return int(ExitCode.SUCCESS)

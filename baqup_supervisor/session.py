@@ -50,6 +50,7 @@ class Session:
         self.committed: list[Committed] = []
         self.attempts: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {}
+        self.child_progress: dict[str, Any] = {}
         self.allow_empty = False
         self.last_activity = time.monotonic()
         self.intent_until = 0.0
@@ -140,6 +141,13 @@ class Session:
 
     # --- control messages --------------------------------------------------------------
 
+    def progress(self, fields: Mapping[str, Any]) -> None:
+        """Progress from the child merged with what baqup-run measures itself."""
+        assert self.reporter is not None
+        ignored = ("type", "timestamp", "job_id", "agent_id")
+        self.child_progress.update((k, v) for k, v in fields.items() if k not in ignored)
+        self.reporter.progress(self.child_progress)
+
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
@@ -150,7 +158,7 @@ class Session:
         fields = message.fields
         kind = message.type
         if kind == "progress":
-            self.reporter.progress(fields)
+            self.progress(fields)
         elif kind == "intent":
             self.intent(
                 fields.get("operation"),

@@ -26,7 +26,14 @@ import orjson
 
 from .checksum import estimate_seconds, hash_file
 from .clock import utc_iso
-from .errors import BaqupError, EmptyArtifact, OutputError, SecurityViolation, StorageIOError
+from .errors import (
+    BaqupError,
+    DataError,
+    EmptyArtifact,
+    OutputError,
+    SecurityViolation,
+    StorageIOError,
+)
 
 MANIFEST = "manifest.json"
 STATUS_FILE = ".baqup-status.json"
@@ -127,6 +134,8 @@ class Artifact:
     compression: str = "none"
     encrypted: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    checksum: str | None = None  # known already when it was hashed while being written
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -264,7 +273,11 @@ class Staging:
                     "must never look like a backup"
                 )
             resolved.append((artifact, name, path, size))
-        total = sum(size for *_, size in resolved)
+        for artifact, name, _, size in resolved:
+            if artifact.size is not None and artifact.size != size:
+                raise DataError(f"artifact {name!r} changed size after it was written "
+                                f"({artifact.size} -> {size} bytes)")
+        total = sum(size for a, *_, size in resolved if a.checksum is None)
         expected = estimate_seconds(algorithm, total)
         if on_long_checksum is not None and expected > 10:
             on_long_checksum(expected, total)
@@ -273,7 +286,7 @@ class Staging:
             for artifact, name, path, size in resolved:
                 if checkpoint:
                     checkpoint()
-                checksum = hash_file(path, algorithm, threads=threads)
+                checksum = artifact.checksum or hash_file(path, algorithm, threads=threads)
                 committed.append(
                     Committed(
                         name,

@@ -22,18 +22,24 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import backoff
+from .capture import ArtifactSink
 from .child import Child, Reaper, describe_exit, set_child_subreaper, spawn
 from .cli import RunRequest
 from .clock import utc_iso
+from .compression import choose
 from .config import load_config
 from .contract import ROLES, AgentState, ExitCode, LogLevel
 from .control import ControlMessage, LineSplitter, parse_message
+from .encryption import KEY_VARIABLE, StreamEncryptor, parse_key
 from .errors import BaqupError, JobFailed, SecurityViolation, ShutdownRequested, UsageError
 from .logs import Logger, logger_from_environ
+from .secret import Secret
 from .session import Session
 from .settings import Settings
+from .staging import safe_relative
 
 READ_SIZE = 256 * 1024
+CAPTURE_READ_SIZE = 1024 * 1024
 TICK = 0.25
 DRAIN_AFTER_EXIT = 2.0
 RETRY_BASE = 1.0
@@ -76,6 +82,7 @@ class Supervisor:
         *,
         grace: float,
         extra_env: Mapping[str, str] | None = None,
+        stdout_artifact: str | None = None,
     ) -> None:
         self.session = session
         self.settings = session.settings
@@ -93,6 +100,20 @@ class Supervisor:
         self.kill_at: float | None = None
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
+        self.stdout_artifact = stdout_artifact
+        self.sink: ArtifactSink | None = None
+        self.capture_failed = False
+        self.compression = choose(False, "none", 0)
+        self.key: bytes | None = None
+
+    def prepare_capture(self, key_secret: Secret | None) -> None:
+        """Settle compression and encryption for `--stdout-artifact` before anything runs."""
+        s = self.settings
+        assert self.stdout_artifact is not None
+        safe_relative(self.stdout_artifact)
+        self.compression = choose(s.compress, s.compress_algorithm, s.compress_level)
+        if s.encrypt:
+            self.key = parse_key(key_secret)
 
     # --- signals (called on the signal thread) --------------------------------------------
 
@@ -195,13 +216,14 @@ class Supervisor:
         s = self.settings
         self.abort_error = None
         self.kill_at = None
+        self.sink = self.new_sink()
         self.child = child = spawn(self.argv, self.child_environ(), control_fd=s.control_fd)
         self.log.info("child started", pid=child.pid, command=self.argv[0])
         selector = selectors.DefaultSelector()
         splitters: dict[int, tuple[str, LineSplitter]] = {}
         for fd, name in (
             (child.control_fd, "control"),
-            (child.stdout_fd, "stdout"),
+            (child.stdout_fd, "artifact" if self.sink else "stdout"),
             (child.stderr_fd, "stderr"),
         ):
             if fd is not None:
@@ -266,7 +288,7 @@ class Supervisor:
     ) -> None:
         name, splitter = splitters[fd]
         try:
-            data = os.read(fd, READ_SIZE)
+            data = os.read(fd, CAPTURE_READ_SIZE if name == "artifact" else READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -277,8 +299,54 @@ class Supervisor:
                 self._on_line(name, line, truncated)
             return
         self.session.touch()
+        if name == "artifact":
+            self._capture(data)
+            return
         for line, truncated in splitter.feed(data):
             self._on_line(name, line, truncated)
+
+    # --- streaming capture of stdout --------------------------------------------------------
+
+    def new_sink(self) -> ArtifactSink | None:
+        if not self.stdout_artifact:
+            return None
+        s = self.settings
+        return ArtifactSink(
+            s.work_dir, self.stdout_artifact, compression=self.compression,
+            checksum_algorithm=s.checksum_algorithm, parallelism=s.parallelism,
+            split_size=s.split_size, key_id=s.encrypt_key_id,
+            encryptor=StreamEncryptor(self.key, s.encrypt_algorithm) if self.key else None,
+        )
+
+    def _capture(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None or self.capture_failed:
+            return  # keep draining the pipe so the child is not blocked before it is ended
+        try:
+            sink.write(data)
+        except BaqupError as exc:
+            self.capture_failed = True
+            sink.abort()
+            self.abort(exc)
+            return
+        self.session.progress({"bytes_processed": sink.raw_bytes})
+
+    def finish_capture(self, success: bool) -> None:
+        """Close the captured artifact: its parts become declared artifacts, or are dropped."""
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if not success or self.capture_failed:
+            sink.abort()
+            return
+        self.session.declared.extend(sink.close())
+        self.session.progress({"bytes_processed": sink.raw_bytes})
+        self.session.metrics.update(
+            bytes_captured=sink.raw_bytes, bytes_stored=sink.stored_bytes,
+            compression=self.compression.algorithm,
+        )
+        if sink.ratio is not None:
+            self.session.metrics["compression_ratio"] = sink.ratio
 
     def _timeout(self, now: float) -> float:
         deadlines = [now + TICK]
@@ -321,6 +389,7 @@ class Supervisor:
             started = time.monotonic()
             stamp = time.time()
             code = self.run_child()
+            self.finish_capture(code == 0 and self.abort_error is None)
             if self.abort_error is not None:
                 self._record(attempt, stamp, started, self.abort_error.code)
                 raise self.abort_error
@@ -423,22 +492,18 @@ def run_job(request: RunRequest) -> int:
     if not config.valid:
         config.raise_for_problems()
     role, argv, options = _resolve(request, config.agent_meta)
-    if (
-        request.stdout_artifact
-        or request.stdin_artifact
-        or options.get("stdout_artifact")
-        or options.get("stdin_artifact")
-    ):
-        raise UsageError(
-            "--stdout-artifact and --stdin-artifact are not available in this version of baqup-run"
-        )
+    if request.stdin_artifact or options.get("stdin_artifact"):
+        raise UsageError("--stdin-artifact is not available in this version of baqup-run")
     settings = Settings.from_config(config, role=role, environ=environ)
     log = logger_from_environ(environ, config.redactor, agent_id=settings.agent_id)
     session = Session(settings, log, config.redactor)
     session.allow_empty = bool(options.get("allow_empty_artifact", False))
     supervisor = Supervisor(
-        session, argv, environ, grace=request.grace, extra_env=options.get("env")
+        session, argv, environ, grace=request.grace, extra_env=options.get("env"),
+        stdout_artifact=request.stdout_artifact or options.get("stdout_artifact"),
     )
+    if supervisor.stdout_artifact:
+        supervisor.prepare_capture(config.secret(KEY_VARIABLE))
     return _drive(session, supervisor, log)
 
 

@@ -9,6 +9,8 @@ Stable API (keep it small; other test files import it):
 - `read_hash(client, key) -> dict[str, Any]`: a Redis hash with each field JSON-decoded
   when it is JSON (strings are stored as they are, so non-JSON text stays a str).
 - `decode_fields(fields) -> dict[str, Any]`: the same decoding for a stream entry.
+- `read_stream(client, key) -> list[dict[str, Any]]`: every entry of a Redis stream, in
+  order, each decoded like `decode_fields`.
 - `wait_for(predicate, timeout, interval) -> T`: poll until `predicate()` is truthy and
   return its value; raise `AssertionError` on timeout.
 - `log_records(stderr_text) -> list[dict]`: the JSON log records in a stderr text
@@ -49,6 +51,7 @@ __all__ = [
     "log_records",
     "prefix",
     "read_hash",
+    "read_stream",
     "redis_env",
     "start_job",
     "wait_for",
@@ -156,6 +159,12 @@ def read_hash(client: redis.Redis, key: str) -> dict[str, Any]:
     """
     raw: dict[str, str] = client.hgetall(key)  # type: ignore[assignment]
     return decode_fields(raw)
+
+
+def read_stream(client: redis.Redis, key: str) -> list[dict[str, Any]]:
+    """Every entry of a Redis stream (XRANGE - +), in order, fields decoded."""
+    entries: list[tuple[str, dict[str, str]]] = client.xrange(key)  # type: ignore[assignment]
+    return [decode_fields(fields) for _, fields in entries]
 
 
 def wait_for(
