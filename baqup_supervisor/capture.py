@@ -51,8 +51,9 @@ class ArtifactSink:
         self.split_size = split_size
         self.encryptor = encryptor
         self.key_id = key_id
-        self._codec = compressor(compression.algorithm, compression.level,
-                                 worker_threads(parallelism))
+        self._codec = compressor(
+            compression.algorithm, compression.level, worker_threads(parallelism)
+        )
         self.raw_bytes = 0
         self.stored_bytes = 0
         self._parts: list[_Part] = []
@@ -123,12 +124,21 @@ class ArtifactSink:
             if count > 1:
                 extra.update(part=index, parts=count, original=self.base)
             if self.encryptor is not None:
-                extra["encryption"] = {"format": FORMAT, "algorithm": self.encryptor.algorithm,
-                                       **({"key_id": self.key_id} if self.key_id else {})}
-            artifacts.append(Artifact(
-                part.name, self.compression.algorithm, self.encryptor is not None, extra,
-                checksum=part.hasher.hexdigest(), size=part.size,
-            ))
+                extra["encryption"] = {
+                    "format": FORMAT,
+                    "algorithm": self.encryptor.algorithm,
+                    **({"key_id": self.key_id} if self.key_id else {}),
+                }
+            artifacts.append(
+                Artifact(
+                    part.name,
+                    self.compression.algorithm,
+                    self.encryptor is not None,
+                    extra,
+                    checksum=part.hasher.hexdigest(),
+                    size=part.size,
+                )
+            )
         self._parts.clear()
         return artifacts
 

@@ -437,13 +437,25 @@ def verify(job_dir: Path, no_checksums: bool) -> int:
 
 @tool.command()
 @click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the plaintext here (atomically) instead of stdout.")
-@click.option("--key-env", default="BAQUP_SECRET_ENCRYPTION_KEY", show_default=True,
-              help="The environment variable holding the key (hex or base64).")
-@click.option("--decompress", type=click.Choice(["auto", "zstd", "gzip", "lz4", "none"]),
-              default="none", show_default=True,
-              help="Also decompress (auto: from the file name before .enc).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the plaintext here (atomically) instead of stdout.",
+)
+@click.option(
+    "--key-env",
+    default="BAQUP_SECRET_ENCRYPTION_KEY",
+    show_default=True,
+    help="The environment variable holding the key (hex or base64).",
+)
+@click.option(
+    "--decompress",
+    type=click.Choice(["auto", "zstd", "gzip", "lz4", "none"]),
+    default="none",
+    show_default=True,
+    help="Also decompress (auto: from the file name before .enc).",
+)
 def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompress: str) -> int:
     """Decrypt an encrypted artifact (its PARTS in order); fail loudly on any tampering."""
     from .encryption import decrypt_stream, parse_key
@@ -460,3 +472,37 @@ def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompre
         for chunk in decrypt_stream(reader, key):
             sink(chunk)
     return int(ExitCode.SUCCESS)
+
+
+@tool.command("watch")
+@click.argument("job_id")
+@click.option(
+    "--bus",
+    "bus_url",
+    envvar="BAQUP_BUS_URL",
+    required=True,
+    help="The bus URL [default: $BAQUP_BUS_URL].",
+)
+@click.option(
+    "--prefix",
+    envvar="BAQUP_BUS_KEY_PREFIX",
+    default="baqup:",
+    show_default=True,
+    help="The key prefix [default: $BAQUP_BUS_KEY_PREFIX].",
+)
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after SECONDS (exit 69).")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=0.5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines even on a terminal.")
+def watch_command(
+    job_id: str, bus_url: str, prefix: str, timeout: float | None, interval: float, as_json: bool
+) -> int:
+    """Follow JOB_ID's heartbeat, progress, events and status until it ends.
+
+    Exits with the job's exit code once its status arrives.
+    """
+    from .secret import Secret
+    from .watch import open_source, watch
+
+    source = open_source(Secret(bus_url), prefix, job_id, timeout=5.0)
+    tty = sys.stdout.isatty() and not as_json
+    return watch(source, out=sys.stdout, tty=tty, interval=interval, timeout=timeout)

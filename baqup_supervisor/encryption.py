@@ -95,16 +95,21 @@ class StreamEncryptor:
         self.algorithm = algorithm
         self.chunk_size = chunk_size
         prefix = os.urandom(7)
-        self.header = (MAGIC + struct.pack(">BBI", VERSION, ALGORITHM_IDS[algorithm], chunk_size)
-                       + prefix + bytes(11))
+        self.header = (
+            MAGIC
+            + struct.pack(">BBI", VERSION, ALGORITHM_IDS[algorithm], chunk_size)
+            + prefix
+            + bytes(11)
+        )
         self._prefix = prefix
         self._counter = 0
         self._pending = bytearray()
         self._started = False
 
     def _seal(self, chunk: bytes, final: bool) -> bytes:
-        sealed: bytes = self._aead.encrypt(_nonce(self._prefix, self._counter, final), chunk,
-                                           self.header)
+        sealed: bytes = self._aead.encrypt(
+            _nonce(self._prefix, self._counter, final), chunk, self.header
+        )
         self._counter += 1
         return sealed
 
@@ -156,8 +161,10 @@ def decrypt_stream(source: Readable, key: bytes) -> Iterator[bytes]:
             plain: bytes = aead.decrypt(_nonce(prefix, counter, final), sealed, header)
         except InvalidTag:
             what = "truncated or tampered" if not final or len(sealed) >= TAG_SIZE else "truncated"
-            raise DataError(f"decryption failed at chunk {counter}: the stream is {what} (or "
-                            "the key is wrong)", code="DECRYPTION_FAILED") from None
+            raise DataError(
+                f"decryption failed at chunk {counter}: the stream is {what} (or the key is wrong)",
+                code="DECRYPTION_FAILED",
+            ) from None
         counter += 1
         if plain:
             yield plain

@@ -31,8 +31,12 @@ class ConcatReader:
     def __enter__(self) -> ConcatReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -73,7 +77,7 @@ def decoded_output(output: Path | None, algorithm: str) -> Iterator[Callable[[by
             raise DataError(f"decompression ({algorithm}) failed: {exc}") from None
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
     try:
         yield write

@@ -275,8 +275,10 @@ class Staging:
             resolved.append((artifact, name, path, size))
         for artifact, name, _, size in resolved:
             if artifact.size is not None and artifact.size != size:
-                raise DataError(f"artifact {name!r} changed size after it was written "
-                                f"({artifact.size} -> {size} bytes)")
+                raise DataError(
+                    f"artifact {name!r} changed size after it was written "
+                    f"({artifact.size} -> {size} bytes)"
+                )
         total = sum(size for a, *_, size in resolved if a.checksum is None)
         expected = estimate_seconds(algorithm, total)
         if on_long_checksum is not None and expected > 10:

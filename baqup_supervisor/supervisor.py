@@ -106,6 +106,14 @@ class Supervisor:
         self.compression = choose(False, "none", 0)
         self.key: bytes | None = None
 
+    def announce(self) -> None:
+        """Events known before the child starts (the bus is up, or buffering, by now)."""
+        choice = self.compression
+        if choice.fallback_from:
+            self.session.event(
+                "COMPRESSION_FALLBACK", "info", f"{choice.reason}; using {choice.algorithm}"
+            )
+
     def prepare_capture(self, key_secret: Secret | None) -> None:
         """Settle compression and encryption for `--stdout-artifact` before anything runs."""
         s = self.settings
@@ -312,9 +320,13 @@ class Supervisor:
             return None
         s = self.settings
         return ArtifactSink(
-            s.work_dir, self.stdout_artifact, compression=self.compression,
-            checksum_algorithm=s.checksum_algorithm, parallelism=s.parallelism,
-            split_size=s.split_size, key_id=s.encrypt_key_id,
+            s.work_dir,
+            self.stdout_artifact,
+            compression=self.compression,
+            checksum_algorithm=s.checksum_algorithm,
+            parallelism=s.parallelism,
+            split_size=s.split_size,
+            key_id=s.encrypt_key_id,
             encryptor=StreamEncryptor(self.key, s.encrypt_algorithm) if self.key else None,
         )
 
@@ -342,7 +354,8 @@ class Supervisor:
         self.session.declared.extend(sink.close())
         self.session.progress({"bytes_processed": sink.raw_bytes})
         self.session.metrics.update(
-            bytes_captured=sink.raw_bytes, bytes_stored=sink.stored_bytes,
+            bytes_captured=sink.raw_bytes,
+            bytes_stored=sink.stored_bytes,
             compression=self.compression.algorithm,
         )
         if sink.ratio is not None:
@@ -499,7 +512,11 @@ def run_job(request: RunRequest) -> int:
     session = Session(settings, log, config.redactor)
     session.allow_empty = bool(options.get("allow_empty_artifact", False))
     supervisor = Supervisor(
-        session, argv, environ, grace=request.grace, extra_env=options.get("env"),
+        session,
+        argv,
+        environ,
+        grace=request.grace,
+        extra_env=options.get("env"),
         stdout_artifact=request.stdout_artifact or options.get("stdout_artifact"),
     )
     if supervisor.stdout_artifact:
@@ -521,6 +538,7 @@ def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
                 "job starting", role=session.settings.role, subreaper=subreaper, pid=os.getpid()
             )
             session.connect()
+            supervisor.announce()
             supervisor.checkpoint()
             session.prepare_staging()
             supervisor.checkpoint()

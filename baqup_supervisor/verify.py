@@ -38,8 +38,12 @@ def _check_parts(artifacts: list[Mapping[str, Any]]) -> list[str]:
 
 
 def verify_job_dir(job_dir: Path, *, check_checksums: bool = True) -> dict[str, Any]:
-    report: dict[str, Any] = {"job_dir": str(job_dir), "valid": False, "errors": [],
-                              "artifacts": []}
+    report: dict[str, Any] = {
+        "job_dir": str(job_dir),
+        "valid": False,
+        "errors": [],
+        "artifacts": [],
+    }
     errors: list[str] = report["errors"]
     path = job_dir / MANIFEST
     try:
@@ -70,8 +74,9 @@ def verify_job_dir(job_dir: Path, *, check_checksums: bool = True) -> dict[str, 
     return report
 
 
-def _check_artifact(job_dir: Path, root: str, entry: Mapping[str, Any],
-                    check_checksums: bool) -> dict[str, Any]:
+def _check_artifact(
+    job_dir: Path, root: str, entry: Mapping[str, Any], check_checksums: bool
+) -> dict[str, Any]:
     name = str(entry["filename"])
     result: dict[str, Any] = {"filename": name, "present": False, "errors": []}
     try:

@@ -1,0 +1,213 @@
+"""`baqup watch JOB_ID`: follow one job from the bus, as an operator would.
+
+Polls the job's progress, events, status and (once the agent id is known from any
+message) its heartbeat, from Redis or a file bus. On a terminal it draws one live
+line with a progress bar and prints events as they come; piped, it writes JSON
+lines (`{"kind": ..., "message": ...}`). It ends when the status arrives, with the
+job's exit code, or after `--timeout` seconds with 69. It only reads.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any, Protocol
+
+import orjson
+
+from .bus import FileTransport, Keys, RedisTransport, open_transport, read_lines
+from .secret import Secret
+
+
+def decode_fields(fields: Mapping[str, str]) -> dict[str, Any]:
+    """A hash or stream entry back to a message: JSON where it parses, else the string."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        try:
+            out[key] = orjson.loads(value) if value[:1] in '[{"0123456789-tfn' else value
+        except orjson.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+class _Source(Protocol):
+    def heartbeat(self, agent_id: str) -> dict[str, Any] | None: ...
+
+    def progress(self) -> dict[str, Any] | None: ...
+
+    def events(self) -> list[dict[str, Any]]: ...
+
+    def status(self) -> dict[str, Any] | None: ...
+
+
+class RedisSource:
+    def __init__(self, client: Any, keys: Keys, job_id: str) -> None:
+        self.client = client
+        self.keys = keys
+        self.job_id = job_id
+        self.last_event = "0-0"
+
+    def _hash(self, key: str) -> dict[str, Any] | None:
+        raw = self.client.hgetall(key)
+        if not raw:
+            return None
+        return decode_fields({_text(k): _text(v) for k, v in raw.items()})
+
+    def heartbeat(self, agent_id: str) -> dict[str, Any] | None:
+        return self._hash(self.keys.heartbeat(agent_id))
+
+    def progress(self) -> dict[str, Any] | None:
+        return self._hash(self.keys.progress(self.job_id))
+
+    def status(self) -> dict[str, Any] | None:
+        return self._hash(self.keys.status(self.job_id))
+
+    def events(self) -> list[dict[str, Any]]:
+        entries = self.client.xrange(self.keys.events(self.job_id), min=f"({self.last_event}")
+        out = []
+        for entry_id, fields in entries:
+            self.last_event = _text(entry_id)
+            out.append(decode_fields({_text(k): _text(v) for k, v in fields.items()}))
+        return out
+
+
+class FileSource:
+    def __init__(self, transport: FileTransport, keys: Keys, job_id: str) -> None:
+        self.transport = transport
+        self.keys = keys
+        self.job_id = job_id
+        self.seen_events = 0
+
+    def _last(self, key: str) -> dict[str, Any] | None:
+        lines = read_lines(self.transport.path_for(key))
+        return lines[-1] if lines else None
+
+    def heartbeat(self, agent_id: str) -> dict[str, Any] | None:
+        return self._last(self.keys.heartbeat(agent_id))
+
+    def progress(self) -> dict[str, Any] | None:
+        return self._last(self.keys.progress(self.job_id))
+
+    def status(self) -> dict[str, Any] | None:
+        return self._last(self.keys.status(self.job_id))
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = read_lines(self.transport.path_for(self.keys.events(self.job_id)))
+        new = lines[self.seen_events :]
+        self.seen_events = len(lines)
+        return new
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def open_source(url: Secret, prefix: str, job_id: str, timeout: float) -> _Source:
+    transport = open_transport(url, timeout=timeout)
+    keys = Keys(prefix)
+    if isinstance(transport, FileTransport):
+        return FileSource(transport, keys, job_id)
+    assert isinstance(transport, RedisTransport)
+    return RedisSource(transport.client, keys, job_id)
+
+
+def bar(percent: float | None, width: int = 24) -> str:
+    if percent is None:
+        return "[" + "?" * width + "]"
+    filled = round(max(0.0, min(100.0, percent)) / 100 * width)
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"  # pragma: no cover
+
+
+def live_line(heartbeat: Mapping[str, Any] | None, progress: Mapping[str, Any] | None) -> str:
+    state = (heartbeat or {}).get("state", "?")
+    percent = (progress or {}).get("percent_complete")
+    parts = [f"{state:<12}", bar(percent)]
+    if percent is not None:
+        parts.append(f"{float(percent):5.1f}%")
+    if progress and progress.get("bytes_processed") is not None:
+        parts.append(_human(float(progress["bytes_processed"])))
+    if progress and progress.get("files_processed") is not None:
+        parts.append(f"{progress['files_processed']} files")
+    intent = (heartbeat or {}).get("intent")
+    if isinstance(intent, Mapping) and intent.get("operation"):
+        parts.append(f"({intent['operation']})")
+    return " ".join(parts)
+
+
+def watch(
+    source: _Source,
+    *,
+    out: IO[str],
+    tty: bool,
+    interval: float = 0.5,
+    timeout: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Follow the job until its status arrives; the job's exit code (69 on timeout)."""
+    deadline = None if timeout is None else clock() + timeout
+    agent_id: str | None = None
+    last_heartbeat: dict[str, Any] | None = None
+    last_progress: dict[str, Any] | None = None
+    shown_line = ""
+
+    def emit(kind: str, message: Mapping[str, Any]) -> None:
+        out.write(orjson.dumps({"kind": kind, "message": message}).decode() + "\n")
+        out.flush()
+
+    while True:
+        progress = source.progress()
+        events = source.events()
+        status = source.status()
+        for message in [progress, *events, status]:
+            if message and message.get("agent_id") and agent_id is None:
+                agent_id = str(message["agent_id"])
+        heartbeat = source.heartbeat(agent_id) if agent_id else None
+        if tty:
+            for event in events:
+                out.write(
+                    f"\r\033[K{event.get('severity', '?'):>5} {event.get('code')} "
+                    f"x{event.get('count', 1)}: {event.get('message', '')}\n"
+                )
+            line = live_line(heartbeat or last_heartbeat, progress or last_progress)
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            if line != shown_line:
+                out.write("\r\033[K" + line[:width])
+                shown_line = line
+            out.flush()
+        else:
+            if heartbeat and heartbeat != last_heartbeat:
+                emit("heartbeat", heartbeat)
+            if progress and progress != last_progress:
+                emit("progress", progress)
+            for event in events:
+                emit("event", event)
+        last_heartbeat = heartbeat or last_heartbeat
+        last_progress = progress or last_progress
+        if status:
+            if tty:
+                error = status.get("error") or {}
+                detail = f": {error.get('code')} {error.get('message')}" if error else ""
+                out.write(
+                    f"\r\033[K{status.get('status')} (exit {status.get('exit_code')}){detail}\n"
+                )
+                out.flush()
+            else:
+                emit("status", status)
+            code = status.get("exit_code")
+            return int(code) if isinstance(code, int) else 0
+        if deadline is not None and clock() >= deadline:
+            if tty:
+                out.write("\n")
+            sys.stderr.write("baqup watch: no status before the timeout\n")
+            return 69
+        time.sleep(interval)
