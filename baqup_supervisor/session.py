@@ -321,6 +321,8 @@ class Session:
             "error": self.error_object(error) if error is not None else None,
             "exit_code": int(code),
         }
+        if len(self.attempts) > 1:
+            document["attempts"] = list(self.attempts)
         if self.committed:
             document["manifest"] = str(s.job_dir / "manifest.json")
         if self.components:

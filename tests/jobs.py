@@ -216,15 +216,17 @@ class NotifyListener:
     """A pub/sub subscription on one channel, made before the job starts."""
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         self.pubsub.subscribe(channel)
+        self.messages: list[dict[str, Any]] = []
         # Wait for the subscription to be confirmed so no early message is missed.
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            msg = self.pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
+        while True:
+            msg = self.pubsub.get_message(timeout=0.1)
             if msg and msg.get("type") == "subscribe":
                 break
-        self.messages: list[dict[str, Any]] = []
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no confirmation of SUBSCRIBE {channel}")
 
     def poll(self, timeout: float = 0.05) -> list[dict[str, Any]]:
         """Read whatever has arrived; return all messages so far."""
