@@ -122,7 +122,7 @@ class Session:
         )
 
     def prepare_staging(self) -> None:
-        self.staging.prepare()
+        self.staging.prepare(restore=self.settings.role == "restore")
 
     def defaults_as_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         """The agent schema's defaults for variables the environment leaves unset, as text."""

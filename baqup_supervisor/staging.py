@@ -174,15 +174,18 @@ class Staging:
 
     # --- INITIALIZING --------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Create the job and work dirs; both on one filesystem, or exit 73."""
+    def prepare(self, *, restore: bool = False) -> None:
+        """Create the job and work dirs; both on one filesystem, or exit 73.
+
+        A snapshot-like job needs a fresh job dir; a restore reads the committed one.
+        """
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(
                 f"cannot create the work dir {self.work_dir}: {exc.strerror or exc}"
             ) from None
-        if (self.job_dir / MANIFEST).exists():
+        if not restore and (self.job_dir / MANIFEST).exists():
             raise OutputError(
                 f"{self.job_dir} already holds a committed {MANIFEST}; a job id is used once"
             )

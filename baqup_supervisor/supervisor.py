@@ -31,8 +31,16 @@ from .config import load_config
 from .contract import ROLES, AgentState, ExitCode, LogLevel
 from .control import ControlMessage, LineSplitter, parse_message
 from .encryption import KEY_VARIABLE, StreamEncryptor, parse_key
-from .errors import BaqupError, JobFailed, SecurityViolation, ShutdownRequested, UsageError
+from .errors import (
+    BaqupError,
+    DataError,
+    JobFailed,
+    SecurityViolation,
+    ShutdownRequested,
+    UsageError,
+)
 from .logs import Logger, logger_from_environ
+from .restore import Feeder, StoredArtifact, locate
 from .secret import Secret
 from .session import Session
 from .settings import Settings
@@ -83,6 +91,7 @@ class Supervisor:
         grace: float,
         extra_env: Mapping[str, str] | None = None,
         stdout_artifact: str | None = None,
+        stdin_artifact: str | None = None,
     ) -> None:
         self.session = session
         self.settings = session.settings
@@ -101,6 +110,9 @@ class Supervisor:
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
         self.stdout_artifact = stdout_artifact
+        self.stdin_artifact = stdin_artifact
+        self.restore_source: StoredArtifact | None = None
+        self.feeder: Feeder | None = None
         self.sink: ArtifactSink | None = None
         self.capture_failed = False
         self.compression = choose(False, "none", 0)
@@ -225,8 +237,18 @@ class Supervisor:
         self.abort_error = None
         self.kill_at = None
         self.sink = self.new_sink()
-        self.child = child = spawn(self.argv, self.child_environ(), control_fd=s.control_fd)
+        self.child = child = spawn(
+            self.argv,
+            self.child_environ(),
+            control_fd=s.control_fd,
+            pipe_stdin=self.restore_source is not None,
+        )
         self.log.info("child started", pid=child.pid, command=self.argv[0])
+        if self.restore_source is not None:
+            assert child.stdin_fd is not None
+            child.fds.remove(child.stdin_fd)  # the feeder owns and closes it
+            self.feeder = Feeder(self.restore_source, child.stdin_fd, self.key)
+            self.feeder.start()
         selector = selectors.DefaultSelector()
         splitters: dict[int, tuple[str, LineSplitter]] = {}
         for fd, name in (
@@ -256,6 +278,7 @@ class Supervisor:
                     self.abort(JobFailed("terminated by signal", code="ABORTED"))
                 now = time.monotonic()
                 self._check_timers(now)
+                self._check_feeder()
                 assert self.session.reporter is not None
                 self.session.reporter.tick(now)
                 if child.exited:
@@ -361,6 +384,55 @@ class Supervisor:
         if sink.ratio is not None:
             self.session.metrics["compression_ratio"] = sink.ratio
 
+    # --- restore: the artifact into stdin ------------------------------------------------
+
+    def verify_restore_source(self) -> None:
+        """Before the child starts: the artifact, every part, verified against the manifest."""
+        if not self.stdin_artifact:
+            return
+        self.restore_source = locate(self.settings.job_dir, self.stdin_artifact)
+        self.log.info(
+            "restore source verified",
+            artifact=self.stdin_artifact,
+            parts=len(self.restore_source.paths),
+            bytes=self.restore_source.size,
+        )
+
+    def _check_feeder(self) -> None:
+        feeder = self.feeder
+        if feeder is None:
+            return
+        if feeder.bytes:
+            self.session.progress({"bytes_processed": feeder.bytes})
+        if feeder.error is not None and self.abort_error is None:
+            error = feeder.error
+            self.abort(
+                error
+                if isinstance(error, BaqupError)
+                else DataError(f"restore stream failed: {error}")
+            )
+
+    def _end_feeder(self, code: int) -> None:
+        feeder, self.feeder = self.feeder, None
+        if feeder is None:
+            return
+        feeder.done.wait(timeout=5)
+        self._check_feeder_error(feeder)
+        if feeder.broken_pipe and code == 0:
+            self.log.warn(
+                "the command exited before reading the whole artifact", fed_bytes=feeder.bytes
+            )
+        self.session.metrics["bytes_restored"] = feeder.bytes
+
+    def _check_feeder_error(self, feeder: Feeder) -> None:
+        if feeder.error is not None and self.abort_error is None:
+            error = feeder.error
+            self.abort_error = (
+                error
+                if isinstance(error, BaqupError)
+                else DataError(f"restore stream failed: {error}")
+            )
+
     def _timeout(self, now: float) -> float:
         deadlines = [now + TICK]
         if self.kill_at is not None:
@@ -403,6 +475,7 @@ class Supervisor:
             stamp = time.time()
             code = self.run_child()
             self.finish_capture(code == 0 and self.abort_error is None)
+            self._end_feeder(code)
             if self.abort_error is not None:
                 self._record(attempt, stamp, started, self.abort_error.code)
                 raise self.abort_error
@@ -505,8 +578,6 @@ def run_job(request: RunRequest) -> int:
     if not config.valid:
         config.raise_for_problems()
     role, argv, options = _resolve(request, config.agent_meta)
-    if request.stdin_artifact or options.get("stdin_artifact"):
-        raise UsageError("--stdin-artifact is not available in this version of baqup-run")
     settings = Settings.from_config(config, role=role, environ=environ)
     log = logger_from_environ(environ, config.redactor, agent_id=settings.agent_id)
     session = Session(settings, log, config.redactor)
@@ -518,9 +589,13 @@ def run_job(request: RunRequest) -> int:
         grace=request.grace,
         extra_env=options.get("env"),
         stdout_artifact=request.stdout_artifact or options.get("stdout_artifact"),
+        stdin_artifact=request.stdin_artifact or options.get("stdin_artifact"),
     )
     if supervisor.stdout_artifact:
         supervisor.prepare_capture(config.secret(KEY_VARIABLE))
+    if supervisor.stdin_artifact:
+        key = config.secret(KEY_VARIABLE)
+        supervisor.key = parse_key(key) if key is not None else None
     return _drive(session, supervisor, log)
 
 
@@ -541,6 +616,7 @@ def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
             supervisor.announce()
             supervisor.checkpoint()
             session.prepare_staging()
+            supervisor.verify_restore_source()
             supervisor.checkpoint()
             session.lifecycle.advance(AgentState.RUNNING)
             supervisor.run()

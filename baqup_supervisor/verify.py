@@ -9,7 +9,7 @@ exits 0 when valid and 65 otherwise. Reads only; never modifies the job dir.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from .errors import SecurityViolation
 from .staging import MANIFEST, safe_relative, validate_manifest
 
 
-def _check_parts(artifacts: list[Mapping[str, Any]]) -> list[str]:
+def check_parts(artifacts: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every split artifact has parts 1..N, each once, in order."""
     errors = []
     groups: dict[str, list[tuple[int, int]]] = {}
@@ -64,17 +64,17 @@ def verify_job_dir(job_dir: Path, *, check_checksums: bool = True) -> dict[str, 
     report["job_id"] = manifest["job_id"]
     report["role"] = manifest["role"]
     artifacts: list[Mapping[str, Any]] = manifest["artifacts"]
-    errors.extend(_check_parts(artifacts))
+    errors.extend(check_parts(artifacts))
     root = os.path.realpath(job_dir)
     for entry in artifacts:
-        result = _check_artifact(job_dir, root, entry, check_checksums)
+        result = check_artifact(job_dir, root, entry, check_checksums)
         report["artifacts"].append(result)
         errors.extend(f"{result['filename']}: {e}" for e in result.pop("errors"))
     report["valid"] = not errors
     return report
 
 
-def _check_artifact(
+def check_artifact(
     job_dir: Path, root: str, entry: Mapping[str, Any], check_checksums: bool
 ) -> dict[str, Any]:
     name = str(entry["filename"])

@@ -656,34 +656,75 @@ def test_kill_9_while_the_child_runs_leaves_no_manifest(
     assert (job_dir(env) / ".staging" / "partial.dat").exists()
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.4, 0.9, 1.5])
+# Writes argv[1] small artifacts of random bytes: COMPLETING then spends a few hundred ms
+# moving them one by one, a window a kill can land in.
+MANY_ARTIFACTS = r"""
+import os, sys
+for i in range(int(sys.argv[1])):
+    with open(os.path.join(os.environ["BAQUP_WORK_DIR"], f"small{i:05}.dat"), "wb") as f:
+        f.write(os.urandom(1024))
+"""
+MANY = 2000
+
+
+def first_artifact_visible(job: Job, directory: Path) -> None:
+    """Return as soon as anything but `.staging` appears in the job dir (or the job ends)."""
+    deadline = time.monotonic() + 30
+    while job.poll() is None and time.monotonic() < deadline:
+        if any(name != ".staging" for name in os.listdir(directory)):
+            return
+        time.sleep(0.0005)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "delay"),
+    [("checksumming", 0.3), ("moving", 0.0), ("moving", 0.15), ("moving", 0.4)],
+)
 def test_kill_9_during_completing_never_shows_a_false_manifest(
-    env: dict[str, str], redis_client: redis.Redis, launch: Launch, delay: float
+    env: dict[str, str], redis_client: redis.Redis, launch: Launch, scenario: str, delay: float
 ) -> None:
-    env["BAQUP_ARTIFACT_CHECKSUM_ALGORITHM"] = "sha512"
+    if scenario == "checksumming":
+        env["BAQUP_ARTIFACT_CHECKSUM_ALGORITHM"] = "sha512"
+        child = [*python_child(BIG_ARTIFACTS), *map(str, BIG_SIZES)]
+        expected = {f"part{i}.bin" for i in range(len(BIG_SIZES))}
+    else:
+        child = [*python_child(MANY_ARTIFACTS), str(MANY)]
+        expected = {f"small{i:05}.dat" for i in range(MANY)}
     listener = NotifyListener(redis_client, f"{prefix(env)}notify")
     try:
-        job = launch(["--", *python_child(BIG_ARTIFACTS), *map(str, BIG_SIZES)], env)
+        job = launch(["--", *child], env)
         listener.collect(lambda ms: "completing" in state_chain(ms), timeout=30)
     finally:
         listener.close()
+    if scenario == "moving":
+        first_artifact_visible(job, job_dir(env))
     deadline = time.monotonic() + delay
     while time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.005)
+        time.sleep(0.002)
     if job.poll() is None:
         job.signal(signal.SIGKILL)
     code = job.wait(10)
+
     committed = check_manifest_invariant(env)
+    names = {p.name for p in job_dir(env).iterdir()}
+    staged = {p.name for p in (job_dir(env) / ".staging").iterdir()}
     if code == 0:
         assert committed, "exit 0 without a manifest"
     else:
         assert code == -signal.SIGKILL
-    names = {p.name for p in job_dir(env).iterdir()}
-    assert committed == ("manifest.json" in names)
-    if not committed:
+    if committed:
+        manifest = manifest_of(env)
+        assert manifest is not None
+        assert {a["filename"] for a in manifest["artifacts"]} == expected
+    else:
+        assert "manifest.json" not in names
         # Whatever was not moved yet is still in the work dir: nothing was lost.
-        staged = {p.name for p in (job_dir(env) / ".staging").iterdir()}
-        assert {"part0.bin", "part1.bin", "part2.bin"} <= names | staged
+        assert expected <= names | staged
+    if scenario == "moving" and delay == 0.0:
+        # Killed right after the first move: some artifacts moved, and no manifest.
+        assert code == -signal.SIGKILL
+        assert not committed
+        assert names & expected
 
 
 def test_log_records_keeps_only_json_objects() -> None:
