@@ -506,3 +506,57 @@ def watch_command(
     source = open_source(Secret(bus_url), prefix, job_id, timeout=5.0)
     tty = sys.stdout.isatty() and not as_json
     return watch(source, out=sys.stdout, tty=tty, interval=interval, timeout=timeout)
+
+
+@tool.command("extract")
+@click.argument("archive", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--compression",
+    type=click.Choice(["auto", "zstd", "gzip", "lz4", "none"]),
+    default="auto",
+    show_default=True,
+)
+def extract_command(archive: Path, dest: Path, compression: str) -> int:
+    """Extract a tar ARCHIVE into DEST, refusing the whole archive on any unsafe member.
+
+    Refused: absolute names, '..', paths through a symlink, links leaving DEST, device
+    nodes, FIFOs, pathological archives. setuid/setgid bits are stripped. Exit 65 on a
+    refusal (reported as a SECURITY_VIOLATION event when run under baqup-run).
+    """
+    from dataclasses import asdict
+
+    from .errors import SecurityViolation
+    from .extract import extract
+
+    try:
+        report = extract(archive, dest, compression=compression)
+    except BaqupError as exc:
+        _emit_event_if_supervised(
+            "SECURITY_VIOLATION" if isinstance(exc, SecurityViolation) else exc.code,
+            exc.message,
+            str(archive),
+        )
+        raise
+    _print_json({"archive": str(archive), "dest": str(dest), **asdict(report)})
+    return int(ExitCode.SUCCESS)
+
+
+def _emit_event_if_supervised(code: str, message: str, path: str) -> None:
+    """Under baqup-run, tell the supervisor too (best effort, never fails the command)."""
+    from .emit import write_message
+
+    if "BAQUP_CONTROL_FD" not in os.environ:
+        return
+    try:
+        write_message(
+            {
+                "type": "event",
+                "code": code,
+                "severity": "error",
+                "message": message[:1000],
+                "path": path,
+            }
+        )
+    except BaqupError:
+        pass

@@ -25,6 +25,7 @@ from .lifecycle import Lifecycle
 from .logs import Logger
 from .outbox import FallbackBuffer, Outbox, ReconnectPolicy
 from .reporter import Reporter
+from .resources import Limit, ResourceLimitExceeded
 from .secret import Redactor
 from .settings import Settings
 from .staging import Artifact, Committed, Staging, compression_of, safe_relative
@@ -51,6 +52,8 @@ class Session:
         self.attempts: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {}
         self.child_progress: dict[str, Any] = {}
+        max_files = int(settings.values.get("BAQUP_SOURCE_MAX_FILES") or 0)
+        self.files_limit = Limit("files processed", max_files) if max_files else None
         self.allow_empty = False
         self.last_activity = time.monotonic()
         self.intent_until = 0.0
@@ -147,6 +150,14 @@ class Session:
         ignored = ("type", "timestamp", "job_id", "agent_id")
         self.child_progress.update((k, v) for k, v in fields.items() if k not in ignored)
         self.reporter.progress(self.child_progress)
+        files = fields.get("files_processed")
+        if self.files_limit is not None and isinstance(files, int):
+            verdict, message = self.files_limit.check(files)
+            if verdict == "approaching":
+                self.event("RESOURCE_LIMIT_APPROACHING", "warn", message)
+            elif verdict == "exceeded":
+                self.event("RESOURCE_LIMIT_EXCEEDED", "error", message)
+                raise ResourceLimitExceeded(f"{message} (BAQUP_SOURCE_MAX_FILES)")
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()

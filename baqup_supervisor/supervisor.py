@@ -40,6 +40,7 @@ from .errors import (
     UsageError,
 )
 from .logs import Logger, logger_from_environ
+from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
 from .restore import Feeder, StoredArtifact, locate
 from .secret import Secret
 from .session import Session
@@ -48,6 +49,7 @@ from .staging import safe_relative
 
 READ_SIZE = 256 * 1024
 CAPTURE_READ_SIZE = 1024 * 1024
+MEMORY_CHECK_INTERVAL = 0.5
 TICK = 0.25
 DRAIN_AFTER_EXIT = 2.0
 RETRY_BASE = 1.0
@@ -110,6 +112,9 @@ class Supervisor:
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
         self.stdout_artifact = stdout_artifact
+        limit = memory_limit(self.settings.memory_limit)
+        self.memory = Limit("child memory", limit, " bytes") if limit else None
+        self._memory_checked = 0.0
         self.stdin_artifact = stdin_artifact
         self.restore_source: StoredArtifact | None = None
         self.feeder: Feeder | None = None
@@ -218,8 +223,9 @@ class Supervisor:
             if isinstance(parsed, ControlMessage):
                 try:
                     session.handle(parsed)
-                except SecurityViolation as exc:
-                    session.event("SECURITY_VIOLATION", "error", exc.message)
+                except BaqupError as exc:
+                    if isinstance(exc, SecurityViolation):
+                        session.event("SECURITY_VIOLATION", "error", exc.message)
                     self.abort(exc)
                 return
             self.protocol_errors += 1
@@ -446,6 +452,7 @@ class Supervisor:
             self.kill_now(f"still running {self.grace:g} s after SIGTERM")
         if self.abort_error is not None:
             return
+        self._check_memory(now)
         if s.job_timeout and now - session.started > s.job_timeout:
             self.abort(
                 JobFailed(
@@ -462,6 +469,17 @@ class Supervisor:
                         code="STALLED",
                     )
                 )
+
+    def _check_memory(self, now: float) -> None:
+        if self.memory is None or now - self._memory_checked < MEMORY_CHECK_INTERVAL:
+            return
+        self._memory_checked = now
+        verdict, message = self.memory.check(tree_rss())
+        if verdict == "approaching":
+            self.session.event("RESOURCE_LIMIT_APPROACHING", "warn", message)
+        elif verdict == "exceeded":
+            self.session.event("RESOURCE_LIMIT_EXCEEDED", "error", message)
+            self.abort(ResourceLimitExceeded(message))
 
     # --- attempts ----------------------------------------------------------------------------
 
