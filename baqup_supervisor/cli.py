@@ -560,3 +560,104 @@ def _emit_event_if_supervised(code: str, message: str, path: str) -> None:
         )
     except BaqupError:
         pass
+
+
+@tool.command("archive")
+@click.argument("source", type=click.Path(file_okay=False, exists=True))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the tar here instead of stdout.",
+)
+@click.option(
+    "--symlinks",
+    envvar="BAQUP_SOURCE_FOLLOW_SYMLINKS",
+    default="shallow",
+    type=click.Choice(["follow", "skip", "fail", "shallow"]),
+    show_default=True,
+    help="Symlink policy [default: $BAQUP_SOURCE_FOLLOW_SYMLINKS].",
+)
+@click.option(
+    "--exclude",
+    "excludes",
+    multiple=True,
+    metavar="PATTERN",
+    help="Exclude a pattern (repeatable) [default: $BAQUP_SOURCE_EXCLUDE].",
+)
+@click.option(
+    "--max-files",
+    envvar="BAQUP_SOURCE_MAX_FILES",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Abort past this many files [default: $BAQUP_SOURCE_MAX_FILES].",
+)
+@click.option(
+    "--max-depth",
+    envvar="BAQUP_SOURCE_MAX_DEPTH",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Do not enter deeper directories [default: $BAQUP_SOURCE_MAX_DEPTH].",
+)
+def archive_command(
+    source: str,
+    output: Path | None,
+    symlinks: str,
+    excludes: tuple[str, ...],
+    max_files: int,
+    max_depth: int,
+) -> int:
+    """Write a tar of SOURCE, walked under the contract's boundary and symlink rules."""
+    from .archive import write_archive
+    from .coerce import CoercionError, parse_multi_value
+
+    patterns = list(excludes)
+    if not patterns and os.environ.get("BAQUP_SOURCE_EXCLUDE"):
+        try:
+            patterns = parse_multi_value(os.environ["BAQUP_SOURCE_EXCLUDE"])
+        except CoercionError as exc:
+            raise UsageError(f"BAQUP_SOURCE_EXCLUDE: expected {exc.message}") from None
+    supervised = "BAQUP_CONTROL_FD" in os.environ
+    emit = _supervised_emit if supervised else None
+    if output is None:
+        write_archive(
+            source,
+            sys.stdout.buffer,
+            policy=symlinks,
+            exclude=patterns,
+            max_files=max_files,
+            max_depth=max_depth,
+            emit=emit,
+        )
+        sys.stdout.buffer.flush()
+        return int(ExitCode.SUCCESS)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            stats = write_archive(
+                source,
+                handle,
+                policy=symlinks,
+                exclude=patterns,
+                max_files=max_files,
+                max_depth=max_depth,
+                emit=emit,
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    click.echo(f"{output}: {stats['files']} files, {stats['bytes']} bytes", err=True)
+    return int(ExitCode.SUCCESS)
+
+
+def _supervised_emit(message: dict[str, Any]) -> None:
+    """Best effort: a control message to baqup-run; never fails the command."""
+    from .emit import write_message
+
+    try:
+        write_message(message)
+    except BaqupError:
+        pass
