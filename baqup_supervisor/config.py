@@ -19,6 +19,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -104,9 +105,26 @@ def is_uuid(value: object) -> bool:
     return all(value[i] == "-" for i in (8, 13, 18, 23))
 
 
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def is_date_time(value: object) -> bool:
+    """RFC 3339 date-time (jsonschema checks it only with an optional extra)."""
+    if not isinstance(value, str):
+        return True
+    if not _DATE_TIME.fullmatch(value):
+        return False
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
 def format_checker() -> FormatChecker:
     checker = FormatChecker()
     for name, check in (
+        ("date-time", is_date_time),
         ("path", is_path),
         ("uri", is_uri),
         ("hostname", is_hostname),

@@ -53,11 +53,12 @@ class Heartbeat:
         with self._lock:
             return dict(self._intent) if self._intent else None
 
-    def set_intent(self, intent: Mapping[str, Any] | None) -> None:
+    def set_intent(self, intent: Mapping[str, Any] | None, *, beat: bool = True) -> None:
         """Carry `intent` in every heartbeat until cleared (None), and beat at once."""
         with self._lock:
             self._intent = dict(intent) if intent else None
-        self.beat_now()
+        if beat:
+            self.beat_now()
 
     def start(self) -> None:
         self.send()  # the first heartbeat, synchronously, before the child starts

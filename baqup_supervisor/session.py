@@ -52,6 +52,7 @@ class Session:
         self.attempts: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {}
         self.child_progress: dict[str, Any] = {}
+        self.measured_progress: dict[str, Any] = {}
         max_files = int(settings.values.get("BAQUP_SOURCE_MAX_FILES") or 0)
         self.files_limit = Limit("files processed", max_files) if max_files else None
         self.allow_empty = False
@@ -144,12 +145,16 @@ class Session:
 
     # --- control messages --------------------------------------------------------------
 
-    def progress(self, fields: Mapping[str, Any]) -> None:
-        """Progress from the child merged with what baqup-run measures itself."""
+    def progress(self, fields: Mapping[str, Any], *, measured: bool = False) -> None:
+        """A progress message: the child's latest, replaced whole, with what baqup-run
+        measures itself (streamed bytes) on top."""
         assert self.reporter is not None
-        ignored = ("type", "timestamp", "job_id", "agent_id")
-        self.child_progress.update((k, v) for k, v in fields.items() if k not in ignored)
-        self.reporter.progress(self.child_progress)
+        if measured:
+            self.measured_progress.update(fields)
+        else:
+            ignored = ("type", "timestamp", "job_id", "agent_id")
+            self.child_progress = {k: v for k, v in fields.items() if k not in ignored}
+        self.reporter.progress({**self.child_progress, **self.measured_progress})
         files = fields.get("files_processed")
         if self.files_limit is not None and isinstance(files, int):
             verdict, message = self.files_limit.check(files)
@@ -369,6 +374,7 @@ class Session:
             return int(code)
         self.reporter.flush()
         if self.heartbeat is not None:
+            self.heartbeat.set_intent(None, beat=False)  # the job is over: nothing in progress
             self.heartbeat.stop(final=True)
         self.reporter.status(document)
         delivered = self.outbox.drain(self.settings.bus_grace_period)

@@ -370,7 +370,7 @@ class Supervisor:
             sink.abort()
             self.abort(exc)
             return
-        self.session.progress({"bytes_processed": sink.raw_bytes})
+        self.session.progress({"bytes_processed": sink.raw_bytes}, measured=True)
 
     def finish_capture(self, success: bool) -> None:
         """Close the captured artifact: its parts become declared artifacts, or are dropped."""
@@ -381,7 +381,7 @@ class Supervisor:
             sink.abort()
             return
         self.session.declared.extend(sink.close())
-        self.session.progress({"bytes_processed": sink.raw_bytes})
+        self.session.progress({"bytes_processed": sink.raw_bytes}, measured=True)
         self.session.metrics.update(
             bytes_captured=sink.raw_bytes,
             bytes_stored=sink.stored_bytes,
@@ -409,7 +409,7 @@ class Supervisor:
         if feeder is None:
             return
         if feeder.bytes:
-            self.session.progress({"bytes_processed": feeder.bytes})
+            self.session.progress({"bytes_processed": feeder.bytes}, measured=True)
         if feeder.error is not None and self.abort_error is None:
             error = feeder.error
             self.abort(

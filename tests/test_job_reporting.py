@@ -844,7 +844,6 @@ def test_flood_of_output_and_a_huge_control_line(
     # the heartbeat kept beating through the flood
     assert changes, "no heartbeat seen"
     gaps = [b - a for a, b in zip(changes, [*changes[1:], ended], strict=True)]
-    print("GAPS", max(gaps), len(gaps), "PEAK", peak)
     assert max(gaps) <= 2.5, (gaps, tail)
     # memory stayed bounded
     assert 0 < peak < 100 * MB, peak
@@ -898,6 +897,9 @@ os.write(fd, b'{{"type": "event", "code": "FILE_CHANGED", "path": "/f"}}\\n')
     events = [e for e in events_of(redis_client, env) if e["code"] == "PROTOCOL_ERROR"]
     assert events[-1]["count"] == 7
     assert events[-1]["severity"] == "warn"
+    # the first one went out at once, with an excerpt of the line, the secret redacted
+    assert events[0]["count"] == 1
+    assert "not json at all" in events[0]["message"]
     everything = json.dumps(events_of(redis_client, env)) + job.stderr()
     assert secret not in everything
     for event in events:
