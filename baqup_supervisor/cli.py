@@ -509,7 +509,7 @@ def watch_command(
 
 
 @tool.command("extract")
-@click.argument("archive", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("archive", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--compression",
@@ -522,8 +522,25 @@ def extract_command(archive: Path, dest: Path, compression: str) -> int:
 
     Refused: absolute names, '..', paths through a symlink, links leaving DEST, device
     nodes, FIFOs, pathological archives. setuid/setgid bits are stripped. Exit 65 on a
-    refusal (reported as a SECURITY_VIOLATION event when run under baqup-run).
+    refusal (reported as a SECURITY_VIOLATION event when run under baqup-run). ARCHIVE
+    `-` reads stdin, spooled first to a temp file ($BAQUP_WORK_DIR under baqup-run),
+    since every member is validated before anything is written.
     """
+    import tempfile
+
+    if str(archive) == "-":
+        spool_dir = os.environ.get("BAQUP_WORK_DIR") or None
+        with tempfile.NamedTemporaryFile(dir=spool_dir, prefix=".baqup-extract-") as spool:
+            while chunk := sys.stdin.buffer.read(1024 * 1024):
+                spool.write(chunk)
+            spool.flush()
+            return _extract(Path(spool.name), dest, compression, shown_as="-")
+    if not archive.is_file():
+        raise UsageError(f"archive not found: {archive}")
+    return _extract(archive, dest, compression, shown_as=str(archive))
+
+
+def _extract(archive: Path, dest: Path, compression: str, *, shown_as: str) -> int:
     from dataclasses import asdict
 
     from .errors import SecurityViolation
@@ -535,21 +552,17 @@ def extract_command(archive: Path, dest: Path, compression: str) -> int:
         _emit_event_if_supervised(
             "SECURITY_VIOLATION" if isinstance(exc, SecurityViolation) else exc.code,
             exc.message,
-            str(archive),
+            shown_as,
         )
         raise
-    _print_json({"archive": str(archive), "dest": str(dest), **asdict(report)})
+    _print_json({"archive": shown_as, "dest": str(dest), **asdict(report)})
     return int(ExitCode.SUCCESS)
 
 
 def _emit_event_if_supervised(code: str, message: str, path: str) -> None:
     """Under baqup-run, tell the supervisor too (best effort, never fails the command)."""
-    from .emit import write_message
-
-    if "BAQUP_CONTROL_FD" not in os.environ:
-        return
-    try:
-        write_message(
+    if "BAQUP_CONTROL_FD" in os.environ:
+        _supervised_emit(
             {
                 "type": "event",
                 "code": code,
@@ -558,8 +571,6 @@ def _emit_event_if_supervised(code: str, message: str, path: str) -> None:
                 "path": path,
             }
         )
-    except BaqupError:
-        pass
 
 
 @tool.command("archive")

@@ -339,10 +339,16 @@ def test_sigterm_in_running_aborts_the_whole_group_without_a_manifest(
 ) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
-    job = launch(["--", *python_child(RECORDER), str(marks)], env)
-    wait_for(exist(marks / "child.ready", marks / "grandchild.ready"))
-    job.signal(signal.SIGTERM)
-    assert job.wait(30) == 1, job.stderr()
+    listener = NotifyListener(redis_client, f"{prefix(env)}notify")
+    try:
+        job = launch(["--", *python_child(RECORDER), str(marks)], env)
+        wait_for(exist(marks / "child.ready", marks / "grandchild.ready"))
+        job.signal(signal.SIGTERM)
+        assert job.wait(30) == 1, job.stderr()
+        messages = listener.collect(has_status, timeout=10)
+    finally:
+        listener.close()
+    assert state_chain(messages) == ["initializing", "running", "failed"]
     assert (marks / "child.SIGTERM").exists()
     assert (marks / "grandchild.SIGTERM").exists()
     status = status_of(redis_client, env)
@@ -388,6 +394,33 @@ def test_second_sigterm_during_the_grace_period_escalates_at_once(
     assert time.monotonic() - sent < 8
     assert not alive(pid)
     assert error_code(status_of(redis_client, env)) == "ABORTED"
+
+
+def test_sigusr1_is_answered_while_completing_checksums(
+    env: dict[str, str], redis_client: redis.Redis, launch: Launch
+) -> None:
+    env.update(BAQUP_ARTIFACT_CHECKSUM_ALGORITHM="sha512", BAQUP_AGENT_HEARTBEAT_INTERVAL="30")
+    key = f"{prefix(env)}heartbeat:{env['BAQUP_AGENT_ID']}"
+    listener = NotifyListener(redis_client, f"{prefix(env)}notify")
+    try:
+        job = launch(["--", *python_child(BIG_ARTIFACTS), *map(str, BIG_SIZES)], env)
+        listener.collect(lambda ms: "completing" in state_chain(ms), timeout=30)
+    finally:
+        listener.close()
+    # The state change beats once by itself; SIGUSR1s come after it.
+    wait_for(lambda: read_hash(redis_client, key).get("state") == "completing", timeout=5)
+    for _ in range(3):
+        before = read_hash(redis_client, key)
+        sent = time.monotonic()
+        job.signal(signal.SIGUSR1)
+        after = wait_for(
+            newer_beat(redis_client, key, int(before["sequence"])), timeout=5, interval=0.002
+        )
+        elapsed = time.monotonic() - sent
+        assert elapsed < 0.1, f"SIGUSR1 in COMPLETING answered after {elapsed * 1000:.0f} ms"
+        assert after["state"] == "completing", "COMPLETING ended too soon: make it slower"
+    assert job.wait(60) == 0, job.stderr()
+    assert manifest_of(env) is not None
 
 
 @functools.cache
@@ -678,7 +711,7 @@ def first_artifact_visible(job: Job, directory: Path) -> None:
 
 @pytest.mark.parametrize(
     ("scenario", "delay"),
-    [("checksumming", 0.3), ("moving", 0.0), ("moving", 0.15), ("moving", 0.4)],
+    [("checksumming", 0.3), ("moving", 0.0), ("moving", 0.15), ("moving", 0.25), ("moving", 0.4)],
 )
 def test_kill_9_during_completing_never_shows_a_false_manifest(
     env: dict[str, str], redis_client: redis.Redis, launch: Launch, scenario: str, delay: float

@@ -1,0 +1,14 @@
+#!/usr/bin/env sh
+# Build the agent-fs image with the io.baqup.* labels of spec section 8, produced from its
+# schema by `baqup labels`. Prints the docker build line; --build runs it.
+# Run from the repository root, with baqup installed (./examples/quickstart does that).
+set -eu
+schema=docker/agent-fs/agent-schema.json
+version=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['x-baqup-agent']['version'])" "$schema")
+tag="${TAG:-ghcr.io/baqup/agent-fs:$version}"
+labels=$(baqup labels --schema "$schema" --format docker)
+line="docker build -f docker/agent-fs/Dockerfile $labels -t $tag ."
+echo "$line"
+if [ "${1:-}" = "--build" ]; then
+  eval "$line"
+fi
