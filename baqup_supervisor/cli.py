@@ -30,6 +30,7 @@ class RunRequest:
     stdout_artifact: str | None = None
     stdin_artifact: str | None = None
     grace: float = 10.0
+    progress_from: str | None = None
     validate: bool = False
     info: bool = False
     words: tuple[str, ...] = ()
@@ -71,6 +72,11 @@ Configuration comes from BAQUP_* environment variables (see the README).
     "--stdin-artifact",
     metavar="NAME",
     help="(restore) Verify NAME against the manifest and stream it into the child's stdin.",
+)
+@click.option(
+    "--progress-from",
+    type=click.Choice(["pv", "restic-json"]),
+    help="Turn the child's `pv -n` (stderr) or `restic --json` (stdout) output into progress.",
 )
 @click.option(
     "--grace",

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import backoff
+from .adapters import ADAPTERS, Adapter
 from .capture import ArtifactSink
 from .child import Child, Reaper, describe_exit, set_child_subreaper, spawn
 from .cli import RunRequest
@@ -94,6 +95,7 @@ class Supervisor:
         extra_env: Mapping[str, str] | None = None,
         stdout_artifact: str | None = None,
         stdin_artifact: str | None = None,
+        progress_from: str | None = None,
     ) -> None:
         self.session = session
         self.settings = session.settings
@@ -112,6 +114,10 @@ class Supervisor:
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
         self.stdout_artifact = stdout_artifact
+        self.adapter: Adapter | None = None
+        self.adapter_stream = ""
+        if progress_from:
+            self.adapter, self.adapter_stream = ADAPTERS[progress_from]
         limit = memory_limit(self.settings.memory_limit)
         self.memory = Limit("child memory", limit, " bytes") if limit else None
         self._memory_checked = 0.0
@@ -231,6 +237,11 @@ class Supervisor:
             self.protocol_errors += 1
             session.event("PROTOCOL_ERROR", "warn", f"{parsed.reason}: {parsed.excerpt}")
             return
+        if self.adapter is not None and stream == self.adapter_stream:
+            fields = self.adapter(line)
+            if fields is not None:
+                self.session.progress(fields)
+                return
         text = line.decode("utf-8", "replace")
         if truncated:
             self.child_log.info(text, stream=stream, truncated=True)
@@ -608,6 +619,7 @@ def run_job(request: RunRequest) -> int:
         extra_env=options.get("env"),
         stdout_artifact=request.stdout_artifact or options.get("stdout_artifact"),
         stdin_artifact=request.stdin_artifact or options.get("stdin_artifact"),
+        progress_from=request.progress_from or options.get("progress_from"),
     )
     if supervisor.stdout_artifact:
         supervisor.prepare_capture(config.secret(KEY_VARIABLE))
