@@ -29,6 +29,7 @@ from .resources import Limit, ResourceLimitExceeded
 from .secret import Redactor
 from .settings import Settings
 from .staging import Artifact, Committed, Staging, compression_of, safe_relative
+from .tracing import make_tracer
 
 SNAPSHOT_LIKE = tuple(r for r in ROLES if r != "restore")
 
@@ -43,6 +44,7 @@ class Session:
         self.started_at = utc_iso()
         self.started = time.monotonic()
         self.lifecycle = Lifecycle(log)
+        self.lifecycle.listeners.append(self._trace_phases)
         self.staging = Staging(settings.job_dir, settings.work_dir)
         self.keys = Keys(settings.key_prefix)
         self.declared: list[Artifact] = []
@@ -58,6 +60,14 @@ class Session:
         self.allow_empty = False
         self.last_activity = time.monotonic()
         self.intent_until = 0.0
+        self.tracer = make_tracer(
+            settings.values,
+            service=settings.agent,
+            job_id=settings.job_id,
+            agent_id=settings.agent_id,
+            log=log,
+        )
+        self.tracer.start("agent.init", role=settings.role)
         self.transport: Any = None
         self.outbox: Outbox | None = None
         self.heartbeat: Heartbeat | None = None
@@ -114,6 +124,28 @@ class Session:
         self.lifecycle.listeners.append(self._on_state)
         self.heartbeat.start()
 
+    def _trace_phases(self, old: AgentState, new: AgentState) -> None:
+        """Spans follow the lifecycle: init, snapshot (and connect_source), write, report."""
+        tracer = self.tracer
+        if new is AgentState.RUNNING:
+            tracer.end("agent.init")
+            tracer.start("agent.snapshot")
+            tracer.start("agent.connect_source")
+        elif new is AgentState.COMPLETING:
+            tracer.end("agent.connect_source")
+            tracer.end("agent.snapshot")
+            tracer.start("agent.write_artifact")
+        elif new.final:
+            for name in (
+                "agent.init",
+                "agent.connect_source",
+                "agent.snapshot",
+                "agent.compress",
+                "agent.write_artifact",
+            ):
+                tracer.end(name)
+            tracer.start("agent.report_status", status=str(new))
+
     def _on_state(self, old: AgentState, new: AgentState) -> None:
         if self.reporter is not None:
             self.reporter.state_changed(old, new)
@@ -165,7 +197,9 @@ class Session:
                 raise ResourceLimitExceeded(f"{message} (BAQUP_SOURCE_MAX_FILES)")
 
     def touch(self) -> None:
+        """The child (or agent) showed a sign of work: output, a control message."""
         self.last_activity = time.monotonic()
+        self.tracer.end("agent.connect_source")
 
     def handle(self, message: ControlMessage) -> None:
         """Apply one control message (INTERFACE.md section 3)."""
@@ -371,6 +405,7 @@ class Session:
         else:
             self.log.info(f"job {status}", exit_code=int(code), files=len(self.committed))
         if self.outbox is None or self.reporter is None:
+            self.tracer.shutdown()
             return int(code)
         self.reporter.flush()
         if self.heartbeat is not None:
@@ -379,6 +414,8 @@ class Session:
         self.reporter.status(document)
         delivered = self.outbox.drain(self.settings.bus_grace_period)
         self.outbox.close()
+        self.tracer.end("agent.report_status")
+        self.tracer.shutdown()
         if delivered:
             return int(code)
         return self._unreported(document, code)

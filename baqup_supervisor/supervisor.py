@@ -277,7 +277,7 @@ class Supervisor:
                 selector.register(fd, selectors.EVENT_READ)
                 splitters[fd] = (name, LineSplitter())
         selector.register(self._wake_r, selectors.EVENT_READ)
-        self.session.touch()
+        self.session.last_activity = time.monotonic()  # the stall clock starts with the child
         exited_at: float | None = None
         try:
             while True:
@@ -374,6 +374,7 @@ class Supervisor:
         sink = self.sink
         if sink is None or self.capture_failed:
             return  # keep draining the pipe so the child is not blocked before it is ended
+        self.session.tracer.start("agent.compress", algorithm=self.compression.algorithm)
         try:
             sink.write(data)
         except BaqupError as exc:
@@ -388,6 +389,7 @@ class Supervisor:
         sink, self.sink = self.sink, None
         if sink is None:
             return
+        self.session.tracer.end("agent.compress")
         if not success or self.capture_failed:
             sink.abort()
             return
