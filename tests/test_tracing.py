@@ -36,7 +36,7 @@ class Collector:
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.end_headers()
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 """Quiet."""
 
         self.server = HTTPServer(("127.0.0.1", 0), Handler)
