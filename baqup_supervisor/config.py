@@ -368,6 +368,9 @@ def _message(error: ValidationError, variable: str, value: Any, secret: bool) ->
     if keyword == "format":
         return f"expected {_FORMAT_HELP.get(str(expected), f'format {expected}')}; got {text}"
     if keyword == "pattern":
+        described = _declaration(error).get("x-expected")
+        if isinstance(described, str):
+            return f"expected {described}; got {text}"
         return f"expected a value matching {expected}; got {text}"
     if keyword in ("minimum", "exclusiveMinimum"):
         bound = "at least" if keyword == "minimum" else "greater than"
@@ -384,6 +387,12 @@ def _message(error: ValidationError, variable: str, value: Any, secret: bool) ->
     if not error.path:
         return _root_rule(keyword, expected)
     return f"invalid ({keyword})" if secret else f"invalid ({keyword}): {error.message}"
+
+
+def _declaration(error: ValidationError) -> Mapping[str, Any]:
+    """The schema (declaration) the failing keyword belongs to."""
+    schema = error.schema
+    return schema if isinstance(schema, Mapping) else {}
 
 
 def _root_rule(keyword: str, expected: Any) -> str:

@@ -348,8 +348,7 @@ class Session:
         self, status: str, code: ExitCode, error: BaseException | None
     ) -> dict[str, Any]:
         s = self.settings
-        assert self.reporter is not None
-        progress = self.reporter.latest_progress
+        progress = self.reporter.latest_progress if self.reporter is not None else {}
         stored = sum(c.size for c in self.committed)
         metrics: dict[str, Any] = {
             "duration_seconds": round(time.monotonic() - self.started, 3),
@@ -367,7 +366,7 @@ class Session:
             "completed_at": utc_iso(),
             "files": [c.status_entry() for c in self.committed],
             "metrics": metrics,
-            "warnings_summary": self.reporter.warnings_summary,
+            "warnings_summary": self.reporter.warnings_summary if self.reporter else {},
             "error": self.error_object(error) if error is not None else None,
             "exit_code": int(code),
         }

@@ -227,6 +227,7 @@ def test_invalid_job_id_together_with_others() -> None:
         ("BAQUP_JOB_ID", "format"),
         ("BAQUP_JOB_TIMEOUT", "minimum"),
         ("BAQUP_BUS_URL", "format"),
+        ("BAQUP_BUS_URL", "pattern"),
     }
 
 
