@@ -177,10 +177,15 @@ class Supervisor:
         return terms
 
     def checkpoint(self) -> None:
-        """Raise ShutdownRequested if a SIGTERM/SIGINT came (outside RUNNING)."""
+        """Between INITIALIZING steps: a SIGTERM/SIGINT ends the job; so does the phase timeout."""
         terms = self.take_terms()
         if terms:
             raise ShutdownRequested(terms[0])
+        lifecycle = self.session.lifecycle
+        deadline = lifecycle.phase_deadline()
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobFailed(f"{lifecycle.state} took longer than its phase timeout",
+                            code="PHASE_TIMEOUT", retriable=True)
 
     # --- the child's environment ------------------------------------------------------------
 
