@@ -148,7 +148,9 @@ def _add(
                 on_event("FILE_CHANGED", "warn", "changed size while it was read", entry.relative)
         return
     if entry.kind == "symlink":
-        tar.addfile(tar.gettarinfo(name=path, arcname=entry.relative))
+        info = tar.gettarinfo(name=path, arcname=entry.relative)
+        info.linkname = entry.link_target or info.linkname
+        tar.addfile(info)
         return
     info = tarfile.TarInfo(entry.relative)  # a directory (maybe reached through a symlink)
     info.type = tarfile.DIRTYPE

@@ -281,7 +281,7 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON lines of a file-bus or buffer file; a torn or corrupt line is skipped."""
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     out = []
     for raw in data.split(b"\n"):

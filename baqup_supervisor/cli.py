@@ -471,9 +471,9 @@ def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompre
     key = parse_key(Secret(os.environ.get(key_env, "")), key_env)
     algorithm = decompress
     if algorithm == "auto":
-        from .staging import compression_of
+        from .restore import stored_compression
 
-        algorithm = compression_of(str(parts[0]).split(".enc")[0])
+        algorithm = stored_compression(parts[0].name)
     with ConcatReader(parts) as reader, decoded_output(output, algorithm) as sink:
         for chunk in decrypt_stream(reader, key):
             sink(chunk)

@@ -59,6 +59,7 @@ class Problem:
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_SENTINEL_NODE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
 
 
 def is_path(value: object) -> bool:
@@ -72,7 +73,12 @@ def is_uri(value: object) -> bool:
         return False
     try:
         parts = urlsplit(value)
-        _ = parts.port  # raises on a non-numeric port
+        if parts.scheme.lower() == "redis+sentinel":  # host:port[,host:port...]
+            hosts = parts.netloc.rsplit("@", 1)[-1].split(",")
+            if not all(_SENTINEL_NODE.fullmatch(h) for h in hosts):
+                return False
+        else:
+            _ = parts.port  # raises on a non-numeric port
     except ValueError:
         return False
     return bool(_URI_SCHEME.fullmatch(parts.scheme)) and bool(parts.netloc or parts.path)

@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ class FallbackBuffer:
     def remove(self) -> None:
         try:
             self.path.unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             pass
         self.count = 0
         try:
@@ -85,6 +86,7 @@ class FallbackBuffer:
 
 
 _STOP = object()
+MEMORY_LIMIT = 10_000  # undelivered messages held in memory when the disk buffer fails
 
 
 class Outbox:
@@ -109,6 +111,8 @@ class Outbox:
         self.connected = False
         self.gave_up = False
         self.buffer_failed: str | None = None  # why the fallback buffer could not be written
+        self._memory: deque[Message] = deque()  # what could not be buffered on disk
+        self.lost = 0
         self.sent = 0
         self._attempt = 0
         self._next_attempt = 0.0
@@ -130,7 +134,7 @@ class Outbox:
 
     @property
     def undelivered(self) -> int:
-        return self._pending + self.buffer.count
+        return self._pending + self.buffer.count + len(self._memory)
 
     def drain(self, grace: float) -> bool:
         """Wait until everything is delivered; keep reconnecting for `grace` seconds.
@@ -146,13 +150,14 @@ class Outbox:
             self._next_attempt = 0.0
         self._queue.put(None)  # wake the thread
         with self._idle:
-            while self._pending or (self.buffer.count and not self.buffer_failed):
+            while self._pending or self.buffer.count or self._memory:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._idle.wait(min(remaining, 0.2))
-            delivered = not self._pending and not self.buffer.count and self.connected
-        return delivered and self.buffer_failed is None
+            return (
+                not self._pending and not self.buffer.count and not self._memory and self.connected
+            )
 
     def close(self) -> None:
         self._queue.put(_STOP)
@@ -199,16 +204,35 @@ class Outbox:
         self._buffer(message)
 
     def _buffer(self, message: Message) -> None:
-        try:
-            self.buffer.append(message)
-        except OSError as exc:
-            if self.buffer_failed is None:
+        """To the fallback file; once that fails, to memory (so order is kept)."""
+        if self.buffer_failed is None:
+            try:
+                self.buffer.append(message)
+                return
+            except OSError as exc:
+                self.buffer_failed = exc.strerror or str(exc)
                 self.log.error(
-                    "fallback buffer cannot be written; messages are being lost",
+                    "fallback buffer cannot be written; holding messages in memory",
                     buffer=str(self.buffer.path),
-                    reason=exc.strerror,
+                    reason=self.buffer_failed,
                 )
-            self.buffer_failed = exc.strerror or str(exc)
+        self._remember(message)
+
+    def _remember(self, message: Message) -> None:
+        if message.kind == "heartbeat":  # a newer heartbeat supersedes the older ones
+            stale = [m for m in self._memory if m.kind == "heartbeat" and m.key == message.key]
+            for old in stale:
+                self._memory.remove(old)
+        self._memory.append(message)
+        if len(self._memory) > MEMORY_LIMIT:
+            victim = next((m for m in self._memory if m.kind != "status"), self._memory[0])
+            self._memory.remove(victim)
+            self.lost += 1
+            if self.lost == 1:
+                self.log.error(
+                    "too many undelivered messages held in memory; dropping the oldest",
+                    limit=MEMORY_LIMIT,
+                )
 
     def _try_reconnect(self) -> None:
         if self.connected or time.monotonic() < self._next_attempt:
@@ -219,7 +243,7 @@ class Outbox:
         try:
             self.transport.ping()
             self._replay()
-        except BusUnavailable as exc:
+        except (BusUnavailable, OSError) as exc:
             self.log.debug("bus reconnection failed", attempt=attempt, reason=str(exc))
             self._schedule_retry()
             return
@@ -228,6 +252,14 @@ class Outbox:
         self.log.info("bus reconnected; buffer replayed", attempt=attempt)
 
     def _replay(self) -> None:
+        self._replay_file()
+        while self._memory:
+            self.transport.send(self._memory[0])  # BusUnavailable keeps the rest
+            self._memory.popleft()
+            self.sent += 1
+        self.buffer_failed = None  # everything is out: the file may be tried again
+
+    def _replay_file(self) -> None:
         messages = self.buffer.messages()
         if not messages:
             self.buffer.remove()
@@ -242,7 +274,11 @@ class Outbox:
             try:
                 self.transport.send(message)
             except BusUnavailable:
-                self.buffer.rewrite(messages[index:])
+                try:
+                    self.buffer.rewrite(messages[index:])
+                except OSError:  # keep the rest, in order, ahead of what memory holds
+                    self._memory.extendleft(reversed(messages[index:]))
+                    self.buffer.count = 0
                 raise
             self.sent += 1
         self.buffer.remove()
@@ -269,5 +305,7 @@ class Outbox:
                             self._pending -= 1
             except Exception as exc:  # noqa: BLE001 - the thread must never die
                 self.log.error("outbox error", error=f"{type(exc).__name__}: {exc}")
+                if not self.connected:
+                    self._schedule_retry()  # never spin on a persistent failure
             with self._idle:
                 self._idle.notify_all()

@@ -100,6 +100,16 @@ def decoded_output(output: Path | None, algorithm: str) -> Iterator[Callable[[by
         raise
 
 
+def stored_compression(filename: str) -> str:
+    """The compression of a stored artifact from its name (`db.sql.zst.enc.002` is zstd)."""
+    from .staging import compression_of
+
+    head, dot, tail = filename.rpartition(".")
+    if dot and tail.isdigit() and len(tail) == 3:
+        filename = head
+    return compression_of(filename.removesuffix(".enc"))
+
+
 def _stem(filename: str) -> str:
     """A manifest filename without part number, `.enc` and compression suffix."""
     name = filename

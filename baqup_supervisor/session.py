@@ -269,7 +269,11 @@ class Session:
 
     def artifacts_to_commit(self) -> list[Artifact]:
         chosen = list(self.declared) if self.declared else list(self.staging.discover())
-        excluded = {str(c["artifact"]) for c in self.failed_components if c.get("artifact")}
+        excluded = {
+            str(safe_relative(str(c["artifact"])))
+            for c in self.failed_components
+            if c.get("artifact")
+        }
         return [a for a in chosen if a.name not in excluded]
 
     def commit(self) -> None:

@@ -35,6 +35,7 @@ from .encryption import KEY_VARIABLE, StreamEncryptor, parse_key
 from .errors import (
     BaqupError,
     DataError,
+    EmptyArtifact,
     JobFailed,
     SecurityViolation,
     ShutdownRequested,
@@ -140,7 +141,8 @@ class Supervisor:
     def prepare_capture(self, key_secret: Secret | None) -> None:
         """Settle compression and encryption for `--stdout-artifact` before anything runs."""
         s = self.settings
-        assert self.stdout_artifact is not None
+        if not self.stdout_artifact:
+            raise UsageError("--stdout-artifact needs a name")
         safe_relative(self.stdout_artifact)
         self.compression = choose(s.compress, s.compress_algorithm, s.compress_level)
         if s.encrypt:
@@ -184,8 +186,11 @@ class Supervisor:
         lifecycle = self.session.lifecycle
         deadline = lifecycle.phase_deadline()
         if deadline is not None and time.monotonic() > deadline:
-            raise JobFailed(f"{lifecycle.state} took longer than its phase timeout",
-                            code="PHASE_TIMEOUT", retriable=True)
+            raise JobFailed(
+                f"{lifecycle.state} took longer than its phase timeout",
+                code="PHASE_TIMEOUT",
+                retriable=True,
+            )
 
     # --- the child's environment ------------------------------------------------------------
 
@@ -397,6 +402,14 @@ class Supervisor:
         self.session.tracer.end("agent.compress")
         if not success or self.capture_failed:
             sink.abort()
+            return
+        if sink.raw_bytes == 0 and not self.session.allow_empty:
+            # an empty stream still has a frame header (and a tag when encrypted)
+            sink.abort()
+            self.abort_error = EmptyArtifact(
+                f"the command wrote nothing to stdout: {self.stdout_artifact!r} would be an "
+                "empty backup"
+            )
             return
         self.session.declared.extend(sink.close())
         self.session.progress({"bytes_processed": sink.raw_bytes}, measured=True)
@@ -624,11 +637,13 @@ def run_job(request: RunRequest) -> int:
         environ,
         grace=request.grace,
         extra_env=options.get("env"),
-        stdout_artifact=request.stdout_artifact or options.get("stdout_artifact"),
+        stdout_artifact=request.stdout_artifact
+        if request.stdout_artifact is not None
+        else options.get("stdout_artifact"),
         stdin_artifact=request.stdin_artifact or options.get("stdin_artifact"),
         progress_from=request.progress_from or options.get("progress_from"),
     )
-    if supervisor.stdout_artifact:
+    if supervisor.stdout_artifact is not None:
         supervisor.prepare_capture(config.secret(KEY_VARIABLE))
     if supervisor.stdin_artifact:
         key = config.secret(KEY_VARIABLE)

@@ -20,19 +20,28 @@ from .errors import SecurityViolation
 from .staging import MANIFEST, safe_relative, validate_manifest
 
 
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def check_parts(artifacts: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every split artifact has parts 1..N, each once, in order."""
     errors = []
     groups: dict[str, list[tuple[int, int]]] = {}
     for entry in artifacts:
-        if "original" in entry:
-            groups.setdefault(str(entry["original"]), []).append(
-                (int(entry.get("part", 0)), int(entry.get("parts", 0)))
-            )
-    for original, parts in groups.items():
-        expected = parts[0][1]
-        numbers = [p for p, _ in parts]
-        if numbers != list(range(1, expected + 1)) or any(n != expected for _, n in parts):
+        if "original" in entry or "part" in entry or "parts" in entry:
+            part, parts = _positive(entry.get("part")), _positive(entry.get("parts"))
+            if part is None or parts is None:
+                errors.append(
+                    f"{entry.get('filename')}: bad part number "
+                    f"{entry.get('part')!r} of {entry.get('parts')!r}"
+                )
+                continue
+            groups.setdefault(str(entry.get("original")), []).append((part, parts))
+    for original, members in groups.items():
+        expected = members[0][1]
+        numbers = [p for p, _ in members]
+        if numbers != list(range(1, expected + 1)) or any(n != expected for _, n in members):
             errors.append(f"{original}: parts {numbers} do not make 1..{expected} in order")
     return errors
 

@@ -249,6 +249,9 @@ class Walker:
             )
             return
         if self.policy == "shallow":
+            if os.path.isabs(target):  # inside, but absolute: relative, so it restores anywhere
+                link_dir = os.path.dirname(os.path.join(self.root, relative))
+                target = os.path.relpath(real, link_dir)
             self.stats.symlinks += 1
             yield Entry(relative, "symlink", info, depth, link_target=target)
             return

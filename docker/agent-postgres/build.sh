@@ -8,7 +8,7 @@ version=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['x-baq
 tag="${TAG:-ghcr.io/baqup/agent-postgres:$version}"
 labels=$(baqup labels --schema "$schema" --format docker)
 line="docker build -f docker/agent-postgres/Dockerfile $labels -t $tag ."
-echo "$line"
+printf '%s\n' "$line"
 if [ "${1:-}" = "--build" ]; then
   eval "$line"
 fi

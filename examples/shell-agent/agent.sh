@@ -15,7 +15,8 @@ done=0
 find "$src" -type f | while IFS= read -r file; do
   if [ -r "$file" ]; then
     size=$(wc -c < "$file")
-    printf '{"path":"%s","size":%s}\n' "$file" "$size" >> "$out"
+    escaped=$(printf '%s' "$file" | sed 's/\\/\\\\/g; s/"/\\"/g')
+    printf '{"path":"%s","size":%s}\n' "$escaped" "$size" >> "$out"
   else
     baqup emit event PERMISSION_DENIED --path "$file" --message "not readable"
   fi

@@ -1,0 +1,391 @@
+"""agent-postgres end to end, against a real PostgreSQL server.
+
+`baqup-run --schema docker/agent-postgres/agent-schema.json snapshot` runs pg_dump as
+the schema says (its stdout captured as `db.dump`, compressed and checksummed on the
+fly), `baqup verify` accepts the job dir, and `baqup-run ... restore` with the same job
+id streams the verified artifact into pg_restore or psql. Every table is compared
+with the original, for both dump formats and both buses. The server only accepts TCP
+connections with the password (scram-sha-256) and the jobs get no PGPASSWORD and no
+pgpass file, so a passing round trip proves BAQUP_SECRET_DB_PASSWORD -> PGPASSWORD;
+the password must then appear in no output and no bus message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import PYTHON, REPO, RedisServer, run_baqup
+from tests.jobs import NotifyListener, job_dir, log_records, prefix, read_hash, redis_env
+from tests.postgres import PostgresServer, pg_env, psql
+
+SCHEMA = REPO / "docker" / "agent-postgres" / "agent-schema.json"
+VENV_BIN = Path(PYTHON).parent
+KEY_HEX = "00112233445566778899aabbccddeeff" * 2  # 64 hex chars: a 32-byte key
+
+UNICODE = "Zoë Ñandú — 東京 🐘 naïve café"
+
+SEED = f"""
+CREATE TABLE customers (
+    id integer PRIMARY KEY,
+    name text NOT NULL,
+    email text,
+    note text,
+    created timestamptz
+);
+INSERT INTO customers
+SELECT g,
+       'Kunde ' || g || ' {UNICODE}',
+       CASE WHEN g % 7 = 0 THEN NULL ELSE 'user' || g || '@example.org' END,
+       CASE WHEN g % 3 = 0 THEN NULL ELSE repeat('ß', g % 50) || E'\\ttab\\nnewline' END,
+       timestamptz '2024-01-01 00:00:00+00' + g * interval '1 minute'
+FROM generate_series(1, 3000) g;
+
+CREATE TABLE blobs (id integer PRIMARY KEY, data bytea, label text);
+INSERT INTO blobs
+SELECT g,
+       CASE WHEN g % 11 = 0 THEN NULL
+            ELSE decode(md5(g::text) || md5((g * 7)::text), 'hex') || '\\x00ff00'::bytea END,
+       CASE WHEN g % 5 = 0 THEN NULL ELSE 'blob ' || g END
+FROM generate_series(1, 2000) g;
+INSERT INTO blobs
+SELECT 100000, decode(string_agg(lpad(to_hex(b), 2, '0'), '' ORDER BY b), 'hex'), 'every byte'
+FROM generate_series(0, 255) b;
+
+CREATE TABLE orders (
+    id bigserial PRIMARY KEY,
+    customer_id integer REFERENCES customers(id),
+    amount numeric(12, 2),
+    tags text[],
+    payload jsonb,
+    shipped boolean
+);
+INSERT INTO orders (customer_id, amount, tags, payload, shipped)
+SELECT 1 + g % 3000,
+       (g * 1.37)::numeric(12, 2),
+       ARRAY['tag' || (g % 5), 'étiquette'],
+       jsonb_build_object('n', g, 'text', '{UNICODE}'),
+       CASE WHEN g % 4 = 0 THEN NULL ELSE g % 2 = 0 END
+FROM generate_series(1, 4000) g;
+
+CREATE TABLE "Ünïcode tablé" (id integer PRIMARY KEY, "välue" text);
+INSERT INTO "Ünïcode tablé" SELECT g, CASE WHEN g % 2 = 0 THEN NULL ELSE '{UNICODE} ' || g END
+FROM generate_series(1, 500) g;
+"""
+
+TABLES = ["blobs", "customers", "orders", "Ünïcode tablé"]
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session, stopped by PID at the end."""
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def tables_of(server: PostgresServer, db: str) -> list[str]:
+    out = psql(
+        server,
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = 'public' ORDER BY table_name COLLATE \"C\";",
+        db,
+    )
+    return [line for line in out.splitlines() if line]
+
+
+def contents(server: PostgresServer, db: str) -> dict[str, str]:
+    """Every public table's rows in COPY text form, ordered by id, plus the sequence value."""
+    found: dict[str, str] = {}
+    for table in tables_of(server, db):
+        found[table] = psql(
+            server, f"COPY (SELECT * FROM {quote_ident(table)} ORDER BY id) TO STDOUT;", db
+        )
+    if "orders" in found:
+        found["orders_id_seq"] = psql(server, "SELECT last_value FROM orders_id_seq;", db)
+    return found
+
+
+def fresh_database(server: PostgresServer) -> str:
+    name = f"app_{uuid.uuid4().hex[:10]}"
+    psql(server, f"CREATE DATABASE {name};")
+    return name
+
+
+def seeded_database(server: PostgresServer) -> tuple[str, dict[str, str]]:
+    db = fresh_database(server)
+    psql(server, SEED, db)
+    original = contents(server, db)
+    assert sorted(t for t in original if t != "orders_id_seq") == sorted(TABLES)
+    assert len(original["customers"].splitlines()) == 3000
+    assert len(original["orders"].splitlines()) == 4000
+    assert "\\N" in original["blobs"]  # NULLs are there
+    assert "\\N" in original["customers"]
+    assert UNICODE in original["customers"]
+    return db, original
+
+
+def recreate_empty(server: PostgresServer, db: str) -> None:
+    psql(server, f"DROP DATABASE {db} WITH (FORCE);")
+    psql(server, f"CREATE DATABASE {db};")
+    assert tables_of(server, db) == []
+
+
+def agent_env(
+    base: dict[str, str], server: PostgresServer, db: str, fmt: str | None = None
+) -> dict[str, str]:
+    """The job's environment: the agent variables over TCP, tools on PATH, no ambient PG*."""
+    env = pg_env(base)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
+    env.update(server.job_env(db))
+    env["BAQUP_JOB_RETRY_MAX"] = "0"
+    if fmt is not None:
+        env["BAQUP_SOURCE_DUMP_FORMAT"] = fmt
+    return env
+
+
+def baqup_run(role: str, env: dict[str, str]) -> Any:
+    return run_baqup(["--schema", str(SCHEMA), role], env, timeout=90)
+
+
+def verify(path: Path, env: dict[str, str]) -> dict[str, Any]:
+    result = run_baqup(["verify", str(path)], env, tool=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["valid"] is True
+    return report
+
+
+def manifest_of(env: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((job_dir(env) / "manifest.json").read_text())
+    return data
+
+
+def redis_dump(client: redis.Redis, key_prefix: str) -> str:
+    """Every value under the prefix (hashes, streams, strings), as one text."""
+    parts: list[str] = []
+    for key in client.scan_iter(match=f"{key_prefix}*"):
+        kind = client.type(key)
+        parts.append(str(key))
+        if kind == "hash":
+            parts.append(json.dumps(client.hgetall(key), ensure_ascii=False))
+        elif kind == "stream":
+            parts.append(json.dumps(client.xrange(key), ensure_ascii=False))
+        elif kind == "string":
+            parts.append(repr(client.get(key)))
+        else:
+            parts.append(f"<{kind!r}>")
+    return "\n".join(parts)
+
+
+def file_bus_dump(env: dict[str, str]) -> str:
+    directory = Path(env["BAQUP_BUS_URL"].removeprefix("file://"))
+    return "\n".join(
+        p.read_text(errors="replace") for p in sorted(directory.rglob("*")) if p.is_file()
+    )
+
+
+def file_bus_lines(env: dict[str, str], key: str) -> list[dict[str, Any]]:
+    directory = Path(env["BAQUP_BUS_URL"].removeprefix("file://"))
+    path = directory / f"{key}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def status_from_file(env: dict[str, str]) -> dict[str, Any]:
+    lines = file_bus_lines(env, f"{prefix(env)}status:{env['BAQUP_JOB_ID']}")
+    assert lines, "no status on the file bus"
+    return lines[-1]
+
+
+def assert_snapshot_status(status: dict[str, Any], env: dict[str, str]) -> None:
+    manifest = manifest_of(env)
+    assert status["role"] == "snapshot"
+    assert status["status"] == "success"
+    assert status["exit_code"] == 0
+    assert status["error"] is None
+    assert status["agent"] == "agent-postgres"
+    (entry,) = manifest["artifacts"]
+    (listed,) = status["files"]
+    assert listed["path"] == str(job_dir(env) / entry["filename"])
+    assert listed["size_bytes"] == entry["size_bytes"]
+    assert listed["checksum_sha256"] == entry["checksum"]["value"]
+
+
+# --- the round trips --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bus", ["redis", "file"])
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_round_trip(
+    fmt: str,
+    bus: str,
+    postgres_server: PostgresServer,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+    job_env: dict[str, str],
+) -> None:
+    server = postgres_server
+    db, original = seeded_database(server)
+    base = redis_env(job_env, redis_server) if bus == "redis" else dict(job_env)
+    env = agent_env(base, server, db, fmt)
+    assert "PGPASSWORD" not in env
+    listener = NotifyListener(redis_client, f"{prefix(env)}notify") if bus == "redis" else None
+    try:
+        snap = baqup_run("snapshot", env)
+        assert snap.returncode == 0, snap.stderr[-3000:]
+        manifest = manifest_of(env)
+        assert manifest["role"] == "snapshot"
+        assert manifest["agent"] == "agent-postgres"
+        (entry,) = manifest["artifacts"]
+        assert entry["filename"] == "db.dump.zst"
+        assert entry["compression"] == "zstd"
+        assert entry["size_bytes"] > 1000
+        report = verify(job_dir(env), env)
+        assert [a["filename"] for a in report["artifacts"]] == ["db.dump.zst"]
+        if bus == "redis":
+            snapshot_status = read_hash(redis_client, f"{prefix(env)}status:{env['BAQUP_JOB_ID']}")
+        else:
+            snapshot_status = status_from_file(env)
+        assert_snapshot_status(snapshot_status, env)
+
+        recreate_empty(server, db)
+        restore = baqup_run("restore", env)
+        assert restore.returncode == 0, restore.stderr[-3000:]
+        assert contents(server, db) == original
+        # the restore wrote no second manifest and left the committed job valid
+        assert manifest_of(env) == manifest
+        verify(job_dir(env), env)
+        if bus == "redis":
+            status = read_hash(redis_client, f"{prefix(env)}status:{env['BAQUP_JOB_ID']}")
+            assert listener is not None
+            notified = listener.collect(
+                lambda msgs: sum(m.get("type") == "status" for m in msgs) >= 2, timeout=10
+            )
+            bus_text = redis_dump(redis_client, prefix(env)) + json.dumps(notified)
+        else:
+            status = status_from_file(env)
+            bus_text = file_bus_dump(env)
+        assert status["role"] == "restore"
+        assert status["status"] == "success"
+        assert status["exit_code"] == 0
+        assert status["metrics"]["bytes_restored"] > 0
+        # the password reached libpq (scram over TCP) and nothing else
+        assert server.password not in bus_text
+        assert env["BAQUP_JOB_ID"] in bus_text  # the dump really holds the job's messages
+        for result in (snap, restore):
+            assert server.password not in result.stdout
+            assert server.password not in result.stderr
+        assert server.password not in (job_dir(env) / "manifest.json").read_text()
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def test_wrong_password_fails_the_snapshot(
+    postgres_server: PostgresServer, job_env: dict[str, str]
+) -> None:
+    server = postgres_server
+    db = fresh_database(server)
+    psql(server, "CREATE TABLE t (id integer PRIMARY KEY); INSERT INTO t VALUES (1);", db)
+    env = agent_env(job_env, server, db)
+    wrong = f"wrong-{secrets.token_hex(8)}"
+    env["BAQUP_SECRET_DB_PASSWORD"] = wrong
+    result = baqup_run("snapshot", env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert not (job_dir(env) / "manifest.json").exists()
+    status = status_from_file(env)
+    assert status["status"] == "failed"
+    assert status["error"]["code"] == "CHILD_FAILED"
+    assert status["exit_code"] == 1
+    assert status["files"] == []
+    # pg_dump's own complaint was logged (as a child record), the password never
+    child_lines = [
+        r["message"] for r in log_records(result.stderr) if r.get("component") == "child"
+    ]
+    assert any("password authentication failed" in line for line in child_lines), child_lines
+    for text in (result.stdout, result.stderr, file_bus_dump(env)):
+        assert wrong not in text
+        assert server.password not in text
+
+
+def test_encrypted_round_trip(postgres_server: PostgresServer, job_env: dict[str, str]) -> None:
+    server = postgres_server
+    db, original = seeded_database(server)
+    env = agent_env(job_env, server, db, "custom")
+    env["BAQUP_ARTIFACT_ENCRYPT"] = "true"
+    env["BAQUP_SECRET_ENCRYPTION_KEY"] = KEY_HEX
+    snap = baqup_run("snapshot", env)
+    assert snap.returncode == 0, snap.stderr[-3000:]
+    (entry,) = manifest_of(env)["artifacts"]
+    assert entry["filename"] == "db.dump.zst.enc"
+    assert entry["encrypted"] is True
+    verify(job_dir(env), env)
+    stored = (job_dir(env) / entry["filename"]).read_bytes()
+    assert stored.startswith(b"BAQUPENC")
+    assert b"customers" not in stored  # not even the table names are readable
+
+    recreate_empty(server, db)
+    # BAQUP_ARTIFACT_ENCRYPT=true without its key is a configuration error (64) ...
+    keyless = {k: v for k, v in env.items() if k != "BAQUP_SECRET_ENCRYPTION_KEY"}
+    misconfigured = baqup_run("restore", keyless)
+    assert misconfigured.returncode == 64, misconfigured.stderr[-3000:]
+    assert "BAQUP_SECRET_ENCRYPTION_KEY" in misconfigured.stderr
+    # ... and an encrypted artifact restored with no key at all is refused (65): nothing
+    # decrypted reaches the database
+    del keyless["BAQUP_ARTIFACT_ENCRYPT"]
+    refused = baqup_run("restore", keyless)
+    assert refused.returncode == 65, refused.stderr[-3000:]
+    assert status_from_file(env)["error"]["code"] == "DECRYPTION_FAILED"
+    assert tables_of(server, db) == []
+
+    restore = baqup_run("restore", env)
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    assert contents(server, db) == original
+    for result in (snap, misconfigured, refused, restore):
+        assert KEY_HEX not in result.stdout + result.stderr
+        assert server.password not in result.stdout + result.stderr
+    assert KEY_HEX not in file_bus_dump(env)
+
+
+def test_tampered_artifact_is_never_restored(
+    postgres_server: PostgresServer, job_env: dict[str, str]
+) -> None:
+    server = postgres_server
+    db, _ = seeded_database(server)
+    env = agent_env(job_env, server, db, "custom")
+    snap = baqup_run("snapshot", env)
+    assert snap.returncode == 0, snap.stderr[-3000:]
+    artifact = job_dir(env) / "db.dump.zst"
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    check = run_baqup(["verify", str(job_dir(env))], env, tool=True)
+    assert check.returncode == 65
+
+    recreate_empty(server, db)
+    restore = baqup_run("restore", env)
+    assert restore.returncode == 65, restore.stderr[-3000:]
+    records = log_records(restore.stderr)
+    assert records, restore.stderr[-2000:]
+    assert not any(r.get("message") == "child started" for r in records)
+    assert tables_of(server, db) == []
+    status = status_from_file(env)
+    assert status["role"] == "restore"
+    assert status["status"] == "failed"
+    assert status["exit_code"] == 65
+    assert status["error"]["code"] == "CHECKSUM_MISMATCH"
