@@ -20,21 +20,11 @@ from dataclasses import dataclass, field
 
 from .contract import ExitCode
 from .errors import JobFailed, UsageError
+from .signals import JOB_SIGNALS
 
 PR_SET_CHILD_SUBREAPER = 36
 # Signals whose disposition baqup-run changes and the child must get back at default.
-DEFAULT_IN_CHILD = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGCHLD,
-    signal.SIGPIPE,
-    signal.SIGXFSZ,
-    signal.SIGALRM,
-)
+DEFAULT_IN_CHILD = (*JOB_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM)
 
 
 def set_child_subreaper() -> bool:

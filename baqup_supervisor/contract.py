@@ -155,15 +155,8 @@ class ErrorCategory(_StrEnum):
         return self is ErrorCategory.TRANSIENT
 
 
-class Severity(_StrEnum):
-    """Event severities; the same words as the log levels the spec uses for events."""
-
-    TRACE = "trace"
-    DEBUG = "debug"
-    INFO = "info"
-    WARN = "warn"
-    ERROR = "error"
-    FATAL = "fatal"
+# Event severities are the log levels' words (spec Appendix B uses info, warn, error).
+Severity = LogLevel
 
 
 class EventCode(_StrEnum):

@@ -15,9 +15,11 @@ from typing import Any
 
 import orjson
 
+from .contract import LogLevel
+
 MAX_LINE = 64 * 1024
 TYPES = ("progress", "intent", "event", "artifact", "component", "metadata", "log")
-SEVERITIES = ("trace", "debug", "info", "warn", "error", "fatal")
+SEVERITIES = tuple(level.value for level in LogLevel)
 _CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 

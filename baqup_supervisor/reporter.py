@@ -18,7 +18,7 @@ from typing import Any
 
 from .bus import DAY, Keys, Message
 from .clock import utc_iso
-from .contract import AgentState
+from .contract import AgentState, LogLevel
 from .outbox import Outbox
 
 PROGRESS_INTERVAL = 1.0
@@ -220,8 +220,8 @@ class Reporter:
         self._send("status", self.keys.status(self.job_id), body, notify=self.keys.notify)
 
 
-_SEVERITY_RANK = {"trace": 0, "debug": 1, "info": 2, "warn": 3, "error": 4, "fatal": 5}
-
-
 def _rank(severity: str) -> int:
-    return _SEVERITY_RANK.get(severity, 3)
+    try:
+        return LogLevel.parse(severity).rank
+    except ValueError:
+        return LogLevel.WARN.rank

@@ -18,6 +18,18 @@ from types import FrameType, TracebackType
 
 Callback = Callable[[int], None]
 
+# The signals a job routes: ending (TERM, INT), beating (USR1), forwarding (HUP, QUIT, USR2)
+# and reaping (CHLD).
+JOB_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
+
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
     """A Python-level handler must exist for the wakeup fd to be written; it does nothing."""

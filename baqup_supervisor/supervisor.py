@@ -47,6 +47,7 @@ from .restore import Feeder, StoredArtifact, locate
 from .secret import Secret
 from .session import Session
 from .settings import Settings
+from .signals import JOB_SIGNALS, SignalRouter
 from .staging import safe_relative
 
 READ_SIZE = 256 * 1024
@@ -55,15 +56,6 @@ MEMORY_CHECK_INTERVAL = 0.5
 TICK = 0.25
 DRAIN_AFTER_EXIT = 2.0
 RETRY_BASE = 1.0
-ROUTED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGCHLD,
-)
 FORWARDED = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 
 
@@ -652,11 +644,9 @@ def run_job(request: RunRequest) -> int:
 
 
 def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
-    from .signals import SignalRouter
-
     subreaper = set_child_subreaper()
-    router = SignalRouter(ROUTED, on_error=lambda exc: log.error(f"signal handling: {exc}"))
-    for signum in ROUTED:
+    router = SignalRouter(JOB_SIGNALS, on_error=lambda exc: log.error(f"signal handling: {exc}"))
+    for signum in JOB_SIGNALS:
         router.route(signum, supervisor.on_signal)
     error: BaseException | None = None
     with router:
