@@ -30,6 +30,11 @@ class Decoder(Protocol):
 
     def flush(self) -> bytes: ...
 
+    @property
+    def finished(self) -> bool:
+        """Whether the stream so far ends where a compressed stream may end."""
+        ...
+
 
 def available(algorithm: str) -> bool:
     if algorithm == "lz4":
@@ -85,6 +90,36 @@ class _Identity:
     def flush(self) -> bytes:
         return b""
 
+    @property
+    def finished(self) -> bool:
+        return True
+
+
+class _GzipDecoder:
+    """Decodes concatenated gzip members (as `gzip -d` does); zlib streams too."""
+
+    def __init__(self) -> None:
+        self._obj = zlib.decompressobj(47)  # gzip or zlib header, auto-detected
+        self._seen = False
+
+    def decompress(self, data: bytes, /) -> bytes:
+        if not data:
+            return b""
+        self._seen = True
+        out = [self._obj.decompress(data)]
+        while self._obj.eof and self._obj.unused_data:
+            rest = self._obj.unused_data
+            self._obj = zlib.decompressobj(47)
+            out.append(self._obj.decompress(rest))
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        return self._obj.flush()
+
+    @property
+    def finished(self) -> bool:
+        return self._obj.eof or not self._seen
+
 
 class _Lz4Encoder:
     def __init__(self, level: int) -> None:
@@ -113,10 +148,28 @@ class _Lz4Decoder:
         import lz4.frame
 
         self._ctx = lz4.frame.LZ4FrameDecompressor()
+        self._seen = False
+
+    @property
+    def finished(self) -> bool:
+        return bool(self._ctx.eof) or not self._seen
 
     def decompress(self, data: bytes, /) -> bytes:
-        out: bytes = self._ctx.decompress(data)
-        return out
+        if not data:
+            return b""
+        if self._ctx.eof:  # a new frame after a finished one
+            import lz4.frame
+
+            self._ctx = lz4.frame.LZ4FrameDecompressor()
+        self._seen = True
+        import lz4.frame
+
+        out = [self._ctx.decompress(data)]
+        while self._ctx.eof and self._ctx.unused_data:
+            rest = self._ctx.unused_data
+            self._ctx = lz4.frame.LZ4FrameDecompressor()
+            out.append(self._ctx.decompress(rest))
+        return b"".join(out)
 
     def flush(self) -> bytes:
         return b""
@@ -130,12 +183,14 @@ class _ZstdDecoder:
 
         self._zstd = zstandard
         self._obj: Any = zstandard.ZstdDecompressor().decompressobj()
+        self._seen = False
 
     def decompress(self, data: bytes, /) -> bytes:
         if not data:
             return b""
         if self._obj.eof:  # a new frame after a finished one
             self._obj = self._zstd.ZstdDecompressor().decompressobj()
+        self._seen = True
         out = [self._obj.decompress(data)]
         while self._obj.eof and self._obj.unused_data:
             rest = self._obj.unused_data
@@ -145,6 +200,10 @@ class _ZstdDecoder:
 
     def flush(self) -> bytes:
         return b""
+
+    @property
+    def finished(self) -> bool:
+        return bool(self._obj.eof) or not self._seen
 
 
 def compressor(algorithm: str, level: int, threads: int = 1) -> Codec:
@@ -167,7 +226,7 @@ def decompressor(algorithm: str) -> Decoder:
     if algorithm == "zstd":
         return _ZstdDecoder()
     if algorithm == "gzip":
-        return zlib.decompressobj(47)  # gzip or zlib header, auto-detected
+        return _GzipDecoder()
     if algorithm == "lz4":
         return _Lz4Decoder()
     if algorithm == "none":

@@ -13,7 +13,7 @@ zstd and lz4 archives are read as streams, never whole into memory.
 from __future__ import annotations
 
 import os
-import posixpath
+import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,12 +73,7 @@ def check_member(member: tarfile.TarInfo, symlinks: set[str]) -> str:
     if member.isfifo():
         raise SecurityViolation(f"member {member.name!r} is a FIFO")
     if member.issym():
-        target = member.linkname
-        if not target or target.startswith("/"):
-            raise SecurityViolation(f"symlink {member.name!r} points to {target!r}, outside DEST")
-        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-        if resolved == ".." or resolved.startswith("../"):
-            raise SecurityViolation(f"symlink {member.name!r} points to {target!r}, outside DEST")
+        _resolve_link(name, member.linkname, symlinks)
         symlinks.add(name)
     elif member.islnk():
         try:
@@ -92,6 +87,90 @@ def check_member(member: tarfile.TarInfo, symlinks: set[str]) -> str:
     elif not (member.isreg() or member.isdir()):
         raise SecurityViolation(f"member {member.name!r} has an unsupported type")
     return name
+
+
+def _resolve_link(name: str, target: str, symlinks: set[str]) -> str:
+    """A symlink's target, resolved lexically from its directory; SecurityViolation if it
+    leaves DEST or passes through another symlink of the archive (a chain can land
+    anywhere: `x -> .` then `y -> x/..`)."""
+    if not target or target.startswith("/") or "\0" in target:
+        raise SecurityViolation(f"symlink {name!r} points to {target!r}, outside DEST")
+    stack = name.split("/")[:-1]
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                raise SecurityViolation(f"symlink {name!r} points to {target!r}, outside DEST")
+            stack.pop()
+            continue
+        stack.append(part)
+        if "/".join(stack) in symlinks:
+            raise SecurityViolation(
+                f"symlink {name!r} points through the symlink {'/'.join(stack)!r}"
+            )
+    return "/".join(stack)
+
+
+class ArchiveIndex:
+    """What the validation pass learns about the archive as a whole.
+
+    Refuses what a member-by-member check cannot see: a name used for two kinds of
+    member (a file and a directory, a symlink and a file...), a member under a name
+    that is not a directory, a hard link to anything but an earlier regular file,
+    and a symlink whose target goes through a symlink declared later.
+    """
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, str] = {}
+        self.implied_dirs: set[str] = set()  # every parent path of every member
+        self.links: list[tuple[str, str]] = []
+        self.symlinks: set[str] = set()
+
+    def add(self, member: tarfile.TarInfo) -> str:
+        name = check_member(member, self.symlinks)
+        if not name:
+            return name
+        kind = (
+            "dir"
+            if member.isdir()
+            else "symlink"
+            if member.issym()
+            else "hardlink"
+            if member.islnk()
+            else "file"
+        )
+        previous = self.kinds.get(name)
+        if previous is not None and not (previous == kind and kind in ("file", "dir")):
+            raise SecurityViolation(f"member {name!r} appears as a {previous} and a {kind}")
+        for parent in _parents(name):
+            parent_kind = self.kinds.get(parent)
+            if parent_kind not in (None, "dir"):
+                raise SecurityViolation(f"member {name!r} lies under the {parent_kind} {parent!r}")
+            self.implied_dirs.add(parent)
+        if kind == "hardlink":
+            target = clean_name(member.linkname)
+            if self.kinds.get(target) != "file":
+                raise SecurityViolation(
+                    f"hard link {name!r} points to {member.linkname!r}, "
+                    "which is not an earlier regular file of the archive"
+                )
+        if kind != "dir" and name in self.implied_dirs:
+            raise SecurityViolation(f"member {name!r} would replace a directory of the archive")
+        if kind == "symlink":
+            self.links.append((name, member.linkname))
+        self.kinds[name] = kind
+        return name
+
+    def finish(self) -> None:
+        for name, target in self.links:
+            _resolve_link(name, target, self.symlinks - {name})
+
+
+def _parents(name: str) -> Iterator[str]:
+    parts = name.split("/")
+    for index in range(1, len(parts)):
+        yield "/".join(parts[:index])
 
 
 def detect(path: Path) -> str:
@@ -115,11 +194,16 @@ class _Decoded:
     def read(self, size: int = -1) -> bytes:
         while not self.eof and (size < 0 or len(self.buffer) < size):
             chunk = self.raw.read(1024 * 1024)
+            try:
+                self.buffer += self.decoder.decompress(chunk) if chunk else self.decoder.flush()
+            except Exception as exc:  # noqa: BLE001 - any codec error is corrupt data
+                raise DataError(
+                    f"the compressed archive is corrupt ({type(exc).__name__}: {exc})"
+                ) from None
             if not chunk:
                 self.eof = True
-                self.buffer += self.decoder.flush()
-                break
-            self.buffer += self.decoder.decompress(chunk)
+                if not self.decoder.finished:
+                    raise DataError("the compressed archive is truncated", code="TRUNCATED")
         if size < 0:
             size = len(self.buffer)
         out = bytes(self.buffer[:size])
@@ -139,23 +223,50 @@ def open_archive(path: Path, compression: str = "auto") -> Iterator[tarfile.TarF
             raise DataError(f"{path}: not a readable tar archive ({exc})") from None
 
 
-def _inside(dest_real: str, path: str) -> bool:
-    real = os.path.realpath(path)
-    return real == dest_real or real.startswith(dest_real + os.sep)
+def _check_dest(dest_real: str, name: str, is_dir: bool, checked: set[str]) -> None:
+    """What is already in DEST must not redirect a member: no symlink on its way."""
+    parts = name.split("/")
+    path = dest_real
+    for index, part in enumerate(parts):
+        path = os.path.join(path, part)
+        last = index == len(parts) - 1
+        if not last and path in checked:
+            continue
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return  # nothing there yet, nor below
+        if stat.S_ISLNK(info.st_mode) and (not last or is_dir):
+            raise SecurityViolation(
+                f"member {name!r} would go through the symlink "
+                f"{os.path.relpath(path, dest_real)!r} already in DEST"
+            )
+        if last and not is_dir and stat.S_ISDIR(info.st_mode):
+            raise SecurityViolation(f"member {name!r} would replace a directory in DEST")
+        if not last:
+            if not stat.S_ISDIR(info.st_mode):
+                raise SecurityViolation(f"member {name!r} lies under a non-directory in DEST")
+            checked.add(path)
 
 
-def validate(path: Path, compression: str = "auto") -> Report:
-    """The first pass: every member checked; raises on the first violation."""
+def validate(path: Path, compression: str = "auto", dest: Path | None = None) -> Report:
+    """The first pass: every member checked, and the archive as a whole; raises on the
+    first violation, before anything is written."""
     report = Report()
-    symlinks: set[str] = set()
+    index = ArchiveIndex()
+    dest_real = os.path.realpath(dest) if dest is not None and dest.exists() else None
+    checked: set[str] = set()
     with open_archive(path, compression) as archive:
         for member in archive:
-            check_member(member, symlinks)
+            name = index.add(member)
+            if dest_real is not None and name:
+                _check_dest(dest_real, name, member.isdir(), checked)
             report.members += 1
             if member.isreg():
                 report.files += 1
                 report.bytes += member.size
                 report.empty_files += member.size == 0
+    index.finish()
     if (
         report.files >= ANOMALY_MIN_MEMBERS
         and report.empty_files >= ANOMALY_EMPTY_RATIO * report.files
@@ -170,7 +281,7 @@ def validate(path: Path, compression: str = "auto") -> Report:
 
 def extract(archive_path: Path, dest: Path, *, compression: str = "auto") -> Report:
     """Validate the whole archive, then extract it into `dest` (created if needed)."""
-    checked = validate(archive_path, compression)
+    checked = validate(archive_path, compression, dest)
     dest.mkdir(parents=True, exist_ok=True)
     dest_real = os.path.realpath(dest)
     report = Report(members=checked.members, empty_files=checked.empty_files)
@@ -182,18 +293,15 @@ def extract(archive_path: Path, dest: Path, *, compression: str = "auto") -> Rep
             if not name:
                 continue
             target = os.path.join(dest_real, name)
-            parent = os.path.dirname(target)
-            os.makedirs(parent, exist_ok=True)
-            if not _inside(dest_real, parent):
-                raise SecurityViolation(f"member {member.name!r} would land outside DEST")
+            _make_parents(dest_real, name)
             mode = member.mode & 0o7777
             if mode & SPECIAL_BITS:
                 report.stripped_modes += 1
             mode &= ~SPECIAL_BITS
             if member.isdir():
-                if os.path.islink(target):
-                    raise SecurityViolation(f"directory {member.name!r} is a symlink in DEST")
-                os.makedirs(target, exist_ok=True)
+                _replace(target)
+                if not os.path.isdir(target):
+                    os.mkdir(target, 0o700)
                 os.chmod(target, mode | 0o700)
                 directories.append((target, mode, member.mtime))
                 report.directories += 1
@@ -204,8 +312,6 @@ def extract(archive_path: Path, dest: Path, *, compression: str = "auto") -> Rep
                 report.symlinks += 1
             elif member.islnk():
                 source = os.path.join(dest_real, clean_name(member.linkname))
-                if not _inside(dest_real, source):
-                    raise SecurityViolation(f"hard link {member.name!r} leaves DEST")
                 _replace(target)
                 os.link(source, target, follow_symlinks=False)
                 report.hardlinks += 1
@@ -221,8 +327,27 @@ def extract(archive_path: Path, dest: Path, *, compression: str = "auto") -> Rep
     return report
 
 
+def _make_parents(dest_real: str, name: str) -> None:
+    """Create a member's parent directories one by one, never through a symlink."""
+    path = dest_real
+    for part in name.split("/")[:-1]:
+        path = os.path.join(path, part)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o700)
+            continue
+        if not stat.S_ISDIR(info.st_mode):  # a symlink or a file: validation let none through
+            raise SecurityViolation(f"member {name!r} would go through {part!r}, not a directory")
+
+
 def _replace(target: str) -> None:
-    if os.path.lexists(target) and not os.path.isdir(target):
+    """Remove what a member replaces: a file or a symlink itself (never what it points to)."""
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
         os.unlink(target)
 
 

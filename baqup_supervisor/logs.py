@@ -251,8 +251,12 @@ class Logger:
                 "job_id": self.job_id,
                 "agent_id": self.agent_id,
                 "component": self.component,
-                "message": self.sanitizer(str(message)),
-                "context": self.sanitizer.value(context) if context else {},
+                # redacted before rendering (a secret's escaped spellings are caught as
+                # they are), and the rendered line again as the last line of defence
+                "message": self.redactor.redact(self.sanitizer(str(message))),
+                "context": self.redactor.redact_value(self.sanitizer.value(context))
+                if context
+                else {},
             }
             line = self.redactor.redact(render(record, self.fmt))
             self._sink.write(line)

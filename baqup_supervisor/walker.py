@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import resource
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,34 @@ class WalkStats:
     bytes: int = 0
 
 
+MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
+
+
+def _lexically_inside(relative: str, target: str) -> bool:
+    """A relative target that, read as text from the link's directory, stays in the root."""
+    if os.path.isabs(target):
+        return False
+    depth = len(relative.split("/")) - 1
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return False
+        elif part not in ("", "."):
+            depth += 1
+    return True
+
+
+def _raise_open_files_limit() -> None:
+    """Deep trees hold one directory open per level: allow as many as the hard limit."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
 def _noop(code: str, severity: str, message: str, path: str | None) -> None:
     """The default event sink: events are dropped."""
 
@@ -94,6 +123,9 @@ class Walker:
         self.anomaly_min_files = anomaly_min_files
         self.anomaly_empty_ratio = anomaly_empty_ratio
         self.stats = WalkStats()
+        self.root_key: tuple[int, int] = (-1, -1)
+        self._followed: set[tuple[int, int]] = set()
+        _raise_open_files_limit()
 
     # --- rules -------------------------------------------------------------------------
 
@@ -101,9 +133,6 @@ class Walker:
         return any(
             fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in self.exclude
         )
-
-    def inside(self, real: str) -> bool:
-        return real == self.root or real.startswith(self.root + os.sep)
 
     def _count_file(self, entry: Entry) -> None:
         self.stats.files += 1
@@ -125,6 +154,7 @@ class Walker:
         except OSError as exc:
             raise DataError(f"cannot open the source {self.root}: {exc.strerror}") from None
         root_stat = os.fstat(root_fd)
+        self.root_key = (root_stat.st_dev, root_stat.st_ino)
         stack: list[_Frame] = [
             (root_fd, os.scandir(root_fd), "", 0, frozenset({(root_stat.st_dev, root_stat.st_ino)}))
         ]
@@ -242,16 +272,34 @@ class Walker:
         if self.policy == "skip":
             self.on_event("SYMLINK_SKIPPED", "info", f"symlink to {target} left out", relative)
             return
-        real = os.path.realpath(os.path.join(self.root, relative))
-        if not self.inside(real):
+        inside = self._target_inside(parent_fd, name)
+        if inside is None:
+            if self.policy != "shallow" or not _lexically_inside(relative, target):
+                self.on_event(
+                    "SYMLINK_SKIPPED",
+                    "info",
+                    f"symlink to {target} is dangling or a loop",
+                    relative,
+                )
+                return
+            inside = True  # dangling, but it names a place in the source: kept as it is
+        if not inside:
             self.on_event(
                 "SYMLINK_EXTERNAL", "warn", f"symlink to {target} leaves the source", relative
             )
             return
         if self.policy == "shallow":
             if os.path.isabs(target):  # inside, but absolute: relative, so it restores anywhere
+                if not target.startswith(self.root + os.sep):
+                    self.on_event(
+                        "SYMLINK_EXTERNAL",
+                        "warn",
+                        f"absolute symlink to {target} is not under the source path",
+                        relative,
+                    )
+                    return
                 link_dir = os.path.dirname(os.path.join(self.root, relative))
-                target = os.path.relpath(real, link_dir)
+                target = os.path.relpath(target, link_dir)
             self.stats.symlinks += 1
             yield Entry(relative, "symlink", info, depth, link_target=target)
             return
@@ -261,6 +309,19 @@ class Walker:
             self.on_event("SYMLINK_SKIPPED", "info", f"dangling symlink to {target}", relative)
             return
         if stat.S_ISDIR(followed.st_mode):
+            key = (followed.st_dev, followed.st_ino)
+            if key in ancestors:
+                self.on_event("SYMLINK_SKIPPED", "info", "symlink loop left out", relative)
+                return
+            if key in self._followed:  # fan-out: each directory is walked once via links
+                self.on_event(
+                    "SYMLINK_SKIPPED",
+                    "info",
+                    "directory already walked through another symlink",
+                    relative,
+                )
+                return
+            self._followed.add(key)
             yield from self._directory(
                 name, relative, parent_fd, depth, ancestors, stack, followed, follow=True
             )
@@ -268,6 +329,63 @@ class Walker:
             entry = Entry(relative, "file", followed, depth)
             self._count_file(entry)
             yield entry
+
+    # --- where a symlink really leads, by descriptors (no path length limit) -------------
+
+    def _target_inside(self, parent_fd: int, name: str) -> bool | None:
+        """Whether the symlink `name` ends inside the root; None if dangling or a loop."""
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            dir_fd = os.open(".", flags, dir_fd=parent_fd)
+        except OSError:
+            return None
+        try:
+            component = name
+            for _ in range(MAX_LINK_HOPS):
+                try:
+                    info = os.stat(component, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:
+                    return None
+                if not stat.S_ISLNK(info.st_mode):
+                    break
+                link = os.readlink(component, dir_fd=dir_fd)
+                head, tail = os.path.split(link)
+                if head:
+                    try:
+                        moved = os.open(head, flags, dir_fd=dir_fd)
+                    except OSError:
+                        return None
+                    os.close(dir_fd)
+                    dir_fd = moved
+                component = tail or "."
+            else:
+                return None  # a loop of symlinks
+            if stat.S_ISDIR(info.st_mode):
+                try:
+                    return self._under_root(os.open(component, flags, dir_fd=dir_fd))
+                except OSError:
+                    return None
+            return self._under_root(os.dup(dir_fd))
+        finally:
+            os.close(dir_fd)
+
+    def _under_root(self, fd: int) -> bool:
+        """Walk `..` up from a directory descriptor (closed here) looking for the root."""
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            while True:
+                here = os.fstat(fd)
+                key = (here.st_dev, here.st_ino)
+                if key == self.root_key:
+                    return True
+                up = os.open("..", flags, dir_fd=fd)
+                above = os.fstat(up)
+                os.close(fd)
+                fd = up
+                if (above.st_dev, above.st_ino) == key:  # "/" is its own parent
+                    return False
+        finally:
+            os.close(fd)
 
     def _check_anomaly(self) -> None:
         s = self.stats

@@ -30,14 +30,19 @@ def main(agent: Agent) -> None:
     path = agent.artifact_path("inventory.jsonl")
     with path.open("w") as out:
         for entry in walker:
-            out.write(json.dumps({"path": entry.relative, "kind": entry.kind,
-                                  "size": entry.size}) + "\n")
+            out.write(
+                json.dumps({"path": entry.relative, "kind": entry.kind, "size": entry.size}) + "\n"
+            )
             if walker.stats.files % 1000 == 0:
                 agent.progress(files=walker.stats.files, bytes=walker.stats.bytes)
     agent.intent(None)
     agent.progress(100, files=walker.stats.files, bytes=walker.stats.bytes)
-    agent.metadata(type="inventory", path=source, files_included=walker.stats.files,
-                   files_excluded=walker.stats.excluded)
+    agent.metadata(
+        type="inventory",
+        path=source,
+        files_included=walker.stats.files,
+        files_excluded=walker.stats.excluded,
+    )
     agent.log.info("inventory written", files=walker.stats.files)
 
 
