@@ -85,6 +85,14 @@ def _lexically_inside(relative: str, target: str) -> bool:
     return True
 
 
+def _too_many_open_files(depth: int, relative: str) -> ResourceUnavailable:
+    return ResourceUnavailable(
+        f"too many open files at depth {depth} ({relative}): raise the open-files limit or "
+        "set BAQUP_SOURCE_MAX_DEPTH",
+        code="RESOURCE_LIMIT_EXCEEDED",
+    )
+
+
 def _raise_open_files_limit() -> None:
     """Deep trees hold one directory open per level: allow as many as the hard limit."""
     try:
