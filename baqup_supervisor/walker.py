@@ -19,6 +19,7 @@ opened relative to their parent's descriptor, so depth is not bounded by PATH_MA
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import resource
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import DataError, SecurityViolation
+from .errors import DataError, ResourceUnavailable, SecurityViolation
 from .resources import Limit, ResourceLimitExceeded
 
 POLICIES = ("follow", "skip", "fail", "shallow")
@@ -251,12 +252,16 @@ class Walker:
             self.on_event("PERMISSION_DENIED", "warn", "directory not readable", relative)
             return
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _too_many_open_files(depth, relative) from None
             self.on_event("FILE_VANISHED", "warn", f"cannot open: {exc.strerror}", relative)
             return
         try:
             entries = os.scandir(fd)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _too_many_open_files(depth, relative) from None
             self.on_event("PERMISSION_DENIED", "warn", "directory not readable", relative)
             return
         stack.append((fd, entries, relative, depth, ancestors | {key}))

@@ -712,3 +712,22 @@ def test_walking_100000_files_streams(tmp_path: Path) -> None:
     assert list_peak > 5_000_000, f"the reference list took only {list_peak} bytes"
     assert walk_peak < 2_000_000, f"the walk peaked at {walk_peak} bytes: it is not streaming"
     assert walk_peak * 5 < list_peak
+
+
+def test_running_out_of_descriptors_fails_loudly(deep_tree: Path) -> None:
+    """With the hard limit at 1024 too, the walk cannot go deep enough: it must say so."""
+    code = DEEP_WALK_WITH_1024_FDS.replace(
+        "(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])", "(1024, 1024)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(deep_tree)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["error"] is not None
+    assert report["error"].startswith("ResourceUnavailable: too many open files at depth")
+    assert not any(code == "PERMISSION_DENIED" for code, _ in report["events"]), report
