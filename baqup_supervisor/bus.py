@@ -188,8 +188,15 @@ class RedisTransport:
             raise BusUnavailable(f"{type(exc).__name__}: {_safe(exc)}") from None
 
     def send(self, message: Message) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        if message.kind == "event":
+        # A heartbeat always carries the same fields, so HSET alone replaces it whole: two
+        # commands in one round trip, no transaction (the fleet's most frequent write).
+        # Progress and status fields vary: DEL + HSET + EXPIRE in one MULTI.
+        pipe = self.client.pipeline(transaction=message.kind != "heartbeat")
+        if message.kind == "heartbeat":
+            pipe.hset(message.key, mapping=encode_fields(message.body))
+            if message.ttl:
+                pipe.expire(message.key, message.ttl)
+        elif message.kind == "event":
             pipe.xadd(message.key, encode_fields(message.body))
             if message.ttl:
                 pipe.expire(message.key, message.ttl)

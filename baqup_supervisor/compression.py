@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from typing import Any, Protocol
 
+ZSTD_JOB_SIZE = 4 * 1024 * 1024
 SUFFIX = {"zstd": ".zst", "gzip": ".gz", "lz4": ".lz4", "none": ""}
 ALGORITHMS = tuple(SUFFIX)
 
@@ -211,7 +212,12 @@ def compressor(algorithm: str, level: int, threads: int = 1) -> Codec:
         import zstandard
 
         workers = threads if threads > 1 else 0
-        codec: Codec = zstandard.ZstdCompressor(level=level, threads=workers).compressobj()
+        # 4 MiB jobs instead of zstd's default (8 MiB at level 3): the same speed and ratio,
+        # half the buffers held per worker, so memory stays flat on large artifacts
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=workers, job_size=ZSTD_JOB_SIZE if workers else 0
+        )
+        codec: Codec = zstandard.ZstdCompressor(compression_params=params).compressobj()
         return codec
     if algorithm == "gzip":
         return zlib.compressobj(min(max(level, 1), 9), zlib.DEFLATED, 31)

@@ -47,8 +47,8 @@ class _Aggregate:
     code: str
     severity: str
     message: str
-    first: str
-    last: str
+    first: float  # epoch seconds
+    last: float
     count: int = 0
     samples: list[str] = field(default_factory=list)
     dirty: bool = False
@@ -140,7 +140,7 @@ class Reporter:
         now: float | None = None,
     ) -> None:
         now = time.monotonic() if now is None else now
-        stamp = utc_iso()
+        stamp = time.time()  # formatted only when sent
         send_now = False
         with self._lock:
             aggregate = self._events.get(code)
@@ -179,8 +179,8 @@ class Reporter:
             "severity": aggregate.severity,
             "code": aggregate.code,
             "message": aggregate.message,
-            "first_occurrence": aggregate.first,
-            "last_occurrence": aggregate.last,
+            "first_occurrence": utc_iso(aggregate.first),
+            "last_occurrence": utc_iso(aggregate.last),
             "count": aggregate.count,
             "sample_paths": list(aggregate.samples),
         }
@@ -220,8 +220,8 @@ class Reporter:
         self._send("status", self.keys.status(self.job_id), body, notify=self.keys.notify)
 
 
+_RANK = {level.value: level.rank for level in LogLevel}
+
+
 def _rank(severity: str) -> int:
-    try:
-        return LogLevel.parse(severity).rank
-    except ValueError:
-        return LogLevel.WARN.rank
+    return _RANK.get(severity, LogLevel.WARN.rank)

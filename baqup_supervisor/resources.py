@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from .coerce import parse_size
 from .errors import JobFailed
 
@@ -60,6 +58,8 @@ def memory_limit(setting: str) -> int | None:
 
 def tree_rss(pid: int | None = None) -> int:
     """Summed RSS of every descendant of `pid` (default: this process)."""
+    import psutil  # only jobs with a memory limit pay for the import
+
     try:
         parent = psutil.Process(pid if pid is not None else os.getpid())
         children = parent.children(recursive=True)

@@ -19,11 +19,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import backoff
 from .adapters import ADAPTERS, Adapter
-from .capture import ArtifactSink
 from .child import Child, Reaper, describe_exit, set_child_subreaper, spawn
 from .cli import RunRequest
 from .clock import utc_iso
@@ -43,16 +42,21 @@ from .errors import (
 )
 from .logs import Logger, logger_from_environ
 from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
-from .restore import Feeder, StoredArtifact, locate
 from .secret import Secret
 from .session import Session
 from .settings import Settings
 from .signals import JOB_SIGNALS, SignalRouter
 from .staging import safe_relative
+from .tracing import keep_out as keep_out_tracing
+
+if TYPE_CHECKING:  # imported where used: a plain job never pays for them
+    from .capture import ArtifactSink
+    from .restore import Feeder, StoredArtifact
 
 READ_SIZE = 256 * 1024
 CAPTURE_READ_SIZE = 1024 * 1024
 MEMORY_CHECK_INTERVAL = 0.5
+CAPTURE_PROGRESS_INTERVAL = 0.25  # the reporter sends at most once a second anyway
 TICK = 0.25
 DRAIN_AFTER_EXIT = 2.0
 RETRY_BASE = 1.0
@@ -119,6 +123,7 @@ class Supervisor:
         self.feeder: Feeder | None = None
         self.sink: ArtifactSink | None = None
         self.capture_failed = False
+        self._capture_progress_at = 0.0
         self.compression = choose(False, "none", 0)
         self.key: bytes | None = None
 
@@ -266,6 +271,8 @@ class Supervisor:
         if self.restore_source is not None:
             assert child.stdin_fd is not None
             child.fds.remove(child.stdin_fd)  # the feeder owns and closes it
+            from .restore import Feeder
+
             self.feeder = Feeder(self.restore_source, child.stdin_fd, self.key)
             self.feeder.start()
         selector = selectors.DefaultSelector()
@@ -361,6 +368,8 @@ class Supervisor:
         if not self.stdout_artifact:
             return None
         s = self.settings
+        from .capture import ArtifactSink
+
         return ArtifactSink(
             s.work_dir,
             self.stdout_artifact,
@@ -384,7 +393,10 @@ class Supervisor:
             sink.abort()
             self.abort(exc)
             return
-        self.session.progress({"bytes_processed": sink.raw_bytes}, measured=True)
+        now = time.monotonic()
+        if now - self._capture_progress_at >= CAPTURE_PROGRESS_INTERVAL:
+            self._capture_progress_at = now
+            self.session.progress({"bytes_processed": sink.raw_bytes}, measured=True)
 
     def finish_capture(self, success: bool) -> None:
         """Close the captured artifact: its parts become declared artifacts, or are dropped."""
@@ -419,6 +431,8 @@ class Supervisor:
         """Before the child starts: the artifact, every part, verified against the manifest."""
         if not self.stdin_artifact:
             return
+        from .restore import locate
+
         self.restore_source = locate(self.settings.job_dir, self.stdin_artifact)
         self.log.info(
             "restore source verified",
@@ -620,6 +634,8 @@ def run_job(request: RunRequest) -> int:
         config.raise_for_problems()
     role, argv, options = _resolve(request, config.agent_meta)
     settings = Settings.from_config(config, role=role, environ=environ)
+    if not settings.values.get("BAQUP_AGENT_TRACING_ENABLED"):
+        keep_out_tracing()
     log = logger_from_environ(environ, config.redactor, agent_id=settings.agent_id)
     session = Session(settings, log, config.redactor)
     session.allow_empty = bool(options.get("allow_empty_artifact", False))

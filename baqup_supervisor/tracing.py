@@ -116,6 +116,20 @@ def _bridge_logging(log: Any) -> None:
     otel.propagate = False
 
 
+def keep_out() -> None:
+    """Tracing off in baqup-run: make OpenTelemetry unimportable for this process.
+
+    Libraries that use it when it happens to be installed (redis-py's observability
+    module loads the metrics SDK, about 30 ms) then skip it, so "nothing imported when
+    disabled" holds for the whole process. Never called by the in-process SDK, whose
+    host program may use OpenTelemetry itself.
+    """
+    import sys
+
+    if "opentelemetry" not in sys.modules:
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
+
+
 def make_tracer(
     values: Any, *, service: str, job_id: str, agent_id: str, log: Any = None
 ) -> NullTracer:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.conftest import python_child, run_baqup
+from tests.conftest import RedisServer, python_child, run_baqup
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -91,14 +91,21 @@ def test_spans_are_children_of_the_job_trace_parent(
     )
 
 
-def test_nothing_of_opentelemetry_is_imported_when_tracing_is_off(job_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("bus", ["file", "redis"])
+def test_nothing_of_opentelemetry_is_imported_when_tracing_is_off(
+    job_env: dict[str, str], redis_server: RedisServer, bus: str
+) -> None:
+    # redis-py loads OpenTelemetry's metrics SDK whenever it is installed: not here
+    if bus == "redis":
+        job_env = {**job_env, "BAQUP_BUS_URL": redis_server.url}
     code = (
         "import sys, runpy\n"
         "sys.argv = ['baqup-run', '--', 'sh', '-c', 'echo x > \"$BAQUP_WORK_DIR/a\"']\n"
         "try:\n"
         "    runpy.run_module('baqup_supervisor', run_name='__main__')\n"
         "except SystemExit as exc:\n"
-        "    loaded = sorted(m for m in sys.modules if m.startswith('opentelemetry'))\n"
+        "    loaded = sorted(m for m, module in sys.modules.items()\n"
+        "                    if m.startswith('opentelemetry') and module is not None)\n"
         "    print('LOADED', loaded, 'EXIT', exc.code)\n"
     )
     import subprocess
