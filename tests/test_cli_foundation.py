@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -449,3 +450,27 @@ def test_labels_without_schema(job_env: dict[str, str], tmp_path: Path) -> None:
 def test_labels_missing_schema(job_env: dict[str, str], tmp_path: Path) -> None:
     result = run_baqup(["labels", "--schema", str(tmp_path / "nope.json")], job_env, tool=True)
     assert result.returncode == 64
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_neither_redis_nor_jsonschema(
+    job_env: dict[str, str], flag: str
+) -> None:
+    code = (
+        "import sys\n"
+        f"sys.argv = ['baqup-run', '{flag}']\n"
+        "from baqup_supervisor.cli import run\n"
+        "code = run()\n"
+        "heavy = sorted(m for m in ('redis', 'jsonschema', 'psutil', 'zstandard', 'blake3')\n"
+        "               if m in sys.modules)\n"
+        "print('HEAVY', heavy, 'EXIT', code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "HEAVY [] EXIT 0" in result.stdout, result.stdout + result.stderr
