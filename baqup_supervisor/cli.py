@@ -192,6 +192,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def run_main() -> NoReturn:
+    from .signals import catch_early
+
+    catch_early()
     sys.exit(run())
 
 

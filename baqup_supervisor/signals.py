@@ -31,6 +31,22 @@ JOB_SIGNALS = (
 )
 
 
+EARLY: list[int] = []  # job signals that arrived before the router was in place
+
+
+def _remember(signum: int, frame: FrameType | None) -> None:
+    EARLY.append(signum)
+
+
+def catch_early() -> None:
+    """From the first line of baqup-run: a SIGTERM (or a controller's SIGUSR1, whose
+    default action is to kill) during start-up is remembered, not fatal; the router
+    replays it once the job can act on it."""
+    for signum in JOB_SIGNALS:
+        if signum != signal.SIGCHLD:
+            signal.signal(signum, _remember)
+
+
 def _ignore(signum: int, frame: FrameType | None) -> None:
     """A Python-level handler must exist for the wakeup fd to be written; it does nothing."""
 
@@ -57,6 +73,11 @@ class SignalRouter:
         self._old_wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self._thread = threading.Thread(target=self._run, name="baqup-signals", daemon=True)
         self._thread.start()
+        early, EARLY[:] = list(EARLY), []
+        for signum in early:
+            callback = self.callbacks.get(signum)
+            if callback is not None:
+                callback(signum)
         return self
 
     def __exit__(

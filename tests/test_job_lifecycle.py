@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -764,3 +766,33 @@ def test_log_records_keeps_only_json_objects() -> None:
     """Guards the helper the other tests read stderr with."""
     text = '{"a": 1}\nnot json\n[1, 2]\n  {"b": "x"}  \n{broken\n'
     assert log_records(text) == [{"a": 1}, {"b": "x"}]
+
+
+EARLY_SIGNALS = r"""
+import os, signal, time
+from baqup_supervisor.signals import EARLY, JOB_SIGNALS, SignalRouter, catch_early
+catch_early()
+os.kill(os.getpid(), signal.SIGUSR1)   # the default action would kill the process
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.05)
+seen = []
+router = SignalRouter(JOB_SIGNALS, on_error=print)
+for signum in JOB_SIGNALS:
+    router.route(signum, seen.append)
+with router:
+    time.sleep(0.05)
+print("SEEN", sorted(signal.Signals(s).name for s in seen), "LEFT", EARLY)
+"""
+
+
+def test_signals_before_the_router_are_remembered_and_replayed() -> None:
+    """A SIGTERM or SIGUSR1 during start-up neither kills baqup-run nor is lost."""
+    result = subprocess.run(
+        [sys.executable, "-c", EARLY_SIGNALS],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SEEN ['SIGTERM', 'SIGUSR1'] LEFT []" in result.stdout, result.stdout
