@@ -23,14 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import backoff
 from .adapters import ADAPTERS, Adapter
-from .child import Child, Reaper, describe_exit, set_child_subreaper, spawn
-from .cli import RunRequest
+from .child import Child, Reaper, describe_exit, spawn
 from .clock import utc_iso
 from .compression import choose
-from .config import load_config
-from .contract import ROLES, AgentState, ExitCode, LogLevel
 from .control import ControlMessage, LineSplitter, parse_message
-from .encryption import KEY_VARIABLE, StreamEncryptor, parse_key
+from .encryption import StreamEncryptor, parse_key
 from .errors import (
     BaqupError,
     DataError,
@@ -40,14 +37,10 @@ from .errors import (
     ShutdownRequested,
     UsageError,
 )
-from .logs import Logger, logger_from_environ
 from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
 from .secret import Secret
 from .session import Session
-from .settings import Settings
-from .signals import JOB_SIGNALS, SignalRouter
 from .staging import safe_relative
-from .tracing import keep_out as keep_out_tracing
 
 if TYPE_CHECKING:  # imported where used: a plain job never pays for them
     from .capture import ArtifactSink
@@ -64,18 +57,6 @@ TICK = 0.25
 DRAIN_AFTER_EXIT = 2.0
 RETRY_BASE = 1.0
 FORWARDED = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
-
-
-def ensure_std_fds() -> None:
-    """Open /dev/null on any of fds 0-2 that is closed, so pipes never land there."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
 
 
 def expand(template: str, environ: Mapping[str, str]) -> str:
@@ -591,117 +572,3 @@ class Supervisor:
                 os.close(fd)
             except OSError:
                 pass
-
-
-# --- the job, from the command line ------------------------------------------------------
-
-
-def _resolve(
-    request: RunRequest, settings_meta: Mapping[str, Any]
-) -> tuple[str | None, list[str], dict[str, Any]]:
-    """(role, argv, per-role options) from the request and the schema's commands."""
-    commands = settings_meta.get("commands")
-    commands = commands if isinstance(commands, Mapping) else {}
-    role = request.role
-    if request.command is None and request.words:
-        word = request.words[0]
-        if len(request.words) == 1 and (word in ROLES or word in commands):
-            if role is not None and role != word:
-                raise UsageError(f"--role {role} contradicts the role word {word}")
-            role = word
-        else:
-            return role, list(request.words), {}
-    if request.command is not None:
-        return role, list(request.command), {}
-    chosen = role or next(iter(commands), None)
-    if chosen is None or chosen not in commands:
-        raise UsageError(
-            "no command: use `baqup-run [OPTIONS] -- COMMAND [ARG...]`, or `baqup-run ROLE` "
-            "with a schema whose x-baqup-agent.commands maps ROLE"
-            + (f" (role {chosen!r} has no command)" if chosen else "")
-        )
-    spec = commands[chosen]
-    options = dict(spec) if isinstance(spec, Mapping) else {"argv": list(spec)}
-    return chosen, [str(a) for a in options.pop("argv")], options
-
-
-def run_job(request: RunRequest) -> int:
-    """baqup-run's main path: the exit code of one supervised job."""
-    ensure_std_fds()
-    environ = dict(os.environ)
-    config = load_config(environ, request.schema)
-    boot_log = logger_from_environ(environ, config.redactor)
-    for warning in config.warnings:
-        boot_log.warn(str(warning), variable=warning.variable)
-    if not config.valid:
-        config.raise_for_problems()
-    role, argv, options = _resolve(request, config.agent_meta)
-    settings = Settings.from_config(config, role=role, environ=environ)
-    if not settings.values.get("BAQUP_AGENT_TRACING_ENABLED"):
-        keep_out_tracing()
-    log = logger_from_environ(environ, config.redactor, agent_id=settings.agent_id)
-    session = Session(settings, log, config.redactor)
-    session.allow_empty = bool(options.get("allow_empty_artifact", False))
-    supervisor = Supervisor(
-        session,
-        argv,
-        environ,
-        grace=request.grace,
-        extra_env=options.get("env"),
-        stdout_artifact=request.stdout_artifact
-        if request.stdout_artifact is not None
-        else options.get("stdout_artifact"),
-        stdin_artifact=request.stdin_artifact or options.get("stdin_artifact"),
-        progress_from=request.progress_from or options.get("progress_from"),
-    )
-    if supervisor.stdout_artifact is not None:
-        supervisor.prepare_capture(config.secret(KEY_VARIABLE))
-    if supervisor.stdin_artifact:
-        key = config.secret(KEY_VARIABLE)
-        supervisor.key = parse_key(key) if key is not None else None
-    return _drive(session, supervisor, log)
-
-
-def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
-    subreaper = set_child_subreaper()
-    router = SignalRouter(JOB_SIGNALS, on_error=lambda exc: log.error(f"signal handling: {exc}"))
-    for signum in JOB_SIGNALS:
-        router.route(signum, supervisor.on_signal)
-    error: BaseException | None = None
-    with router:
-        try:
-            log.info(
-                "job starting", role=session.settings.role, subreaper=subreaper, pid=os.getpid()
-            )
-            session.connect()
-            supervisor.announce()
-            supervisor.checkpoint()
-            session.prepare_staging()
-            supervisor.verify_restore_source()
-            supervisor.checkpoint()
-            session.lifecycle.advance(AgentState.RUNNING)
-            supervisor.run()
-            session.lifecycle.advance(AgentState.COMPLETING)
-            session.commit()
-            for late in supervisor.take_terms():
-                log.warn(
-                    f"{signal.Signals(late).name} during COMPLETING: the commit finished first"
-                )
-        except ShutdownRequested as exc:
-            error = JobFailed(
-                f"terminated by {signal.Signals(exc.signum).name} before the command started",
-                code="ABORTED",
-            )
-        except BaqupError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - the job's end must always be reported
-            log.log(LogLevel.FATAL, f"internal error: {type(exc).__name__}: {exc}")
-            error = exc
-        if error is not None and not session.settings.retain_on_failure:
-            try:
-                session.staging.empty()
-            except OSError as exc:
-                log.warn("could not empty the work dir", reason=exc.strerror)
-        code = session.finish(error)
-        supervisor.close()
-    return code if code in {int(c) for c in ExitCode} else int(ExitCode.INTERNAL_ERROR)

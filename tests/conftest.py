@@ -167,7 +167,7 @@ def run_baqup(
 ) -> subprocess.CompletedProcess[str]:
     """Run the real baqup-run (or `baqup` with tool=True) and capture its output as text."""
     argv = (
-        [PYTHON, "-c", "from baqup_supervisor.cli import tool_main; tool_main()"]
+        [PYTHON, "-c", "from baqup_supervisor.tool import tool_main; tool_main()"]
         if tool
         else [PYTHON, "-m", "baqup_supervisor"]
     )

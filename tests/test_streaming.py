@@ -656,7 +656,7 @@ def run_decrypt(parts: list[Path], key: str, *extra: str) -> subprocess.Complete
         [
             PYTHON,
             "-c",
-            "from baqup_supervisor.cli import tool_main; tool_main()",
+            "from baqup_supervisor.tool import tool_main; tool_main()",
             "decrypt",
             *map(str, parts),
             *extra,
