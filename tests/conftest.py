@@ -21,9 +21,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
+
+if TYPE_CHECKING:  # tests/jobs.py imports this module: no cycle at run time
+    from tests.jobs import Job
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -154,6 +158,18 @@ def job_env(tmp_path: Path, job_id: str) -> dict[str, str]:
         PYTHONDONTWRITEBYTECODE="1",
     )
     return env
+
+
+@pytest.fixture
+def jobs() -> Iterator[list[Job]]:
+    """Jobs a test started (tests/jobs.py `start_job`); any still running at the end is
+    stopped by its PID."""
+    started: list[Job] = []
+    try:
+        yield started
+    finally:
+        for job in started:
+            job.stop()
 
 
 def run_baqup(

@@ -150,17 +150,6 @@ def bus(tmp_path: Path) -> Iterator[PrivateRedis]:
         server.stop()
 
 
-@pytest.fixture
-def jobs() -> Iterator[list[Job]]:
-    """Jobs the test started; any still running at the end is stopped by its PID."""
-    started: list[Job] = []
-    try:
-        yield started
-    finally:
-        for job in started:
-            job.stop()
-
-
 # --- helpers (also used by test_sentinel.py) ---------------------------------------------
 
 

@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -132,15 +132,6 @@ def sh_job(script: str, env: Mapping[str, str], name: str = "job") -> Job:
 
 def py_job(code: str, env: Mapping[str, str], name: str = "job") -> Job:
     return start_job(["--", sys.executable, "-c", code], env, name=name)
-
-
-@pytest.fixture
-def jobs() -> Iterator[list[Job]]:
-    """Jobs a test started; any still running at the end is stopped by its PID."""
-    started: list[Job] = []
-    yield started
-    for job in started:
-        job.stop()
 
 
 def finish(job: Job, expected: int, timeout: float = 60) -> int:

@@ -53,14 +53,6 @@ PASSWORD = 'pä"ss\\w/rd:+&=42 x'
 BUS_PASSWORD = "bus-Pa55word-9931"
 
 
-@pytest.fixture
-def jobs() -> Iterator[list[Job]]:
-    started: list[Job] = []
-    yield started
-    for job in started:
-        job.stop()
-
-
 def finish(job: Job, expected: int, timeout: float = 60) -> None:
     code = job.wait(timeout)
     assert code == expected, f"exit {code}, expected {expected}; stderr:\n{job.stderr()[-4000:]}"

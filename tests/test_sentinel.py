@@ -165,16 +165,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         setup.stop()
 
 
-@pytest.fixture
-def jobs() -> Iterator[list[Job]]:
-    started: list[Job] = []
-    try:
-        yield started
-    finally:
-        for job in started:
-            job.stop()
-
-
 @pytest.mark.parametrize("named", [3, 1], ids=["three-sentinels-in-url", "one-sentinel-in-url"])
 def test_job_survives_a_sentinel_failover(
     cluster: Cluster, job_env: dict[str, str], jobs: list[Job], tmp_path: Path, named: int

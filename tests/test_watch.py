@@ -59,16 +59,6 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 process.wait(timeout=10)
 
 
-@pytest.fixture
-def jobs() -> Iterator[list[Job]]:
-    started: list[Job] = []
-    try:
-        yield started
-    finally:
-        for job in started:
-            job.stop()
-
-
 def watch_env(env: dict[str, str]) -> dict[str, str]:
     """Only what a controller's shell would have: the bus URL and the key prefix."""
     keep = {k: v for k, v in env.items() if not k.startswith("BAQUP_")}
