@@ -18,11 +18,10 @@ import threading
 from collections.abc import Mapping
 from typing import IO, Any
 
-import orjson
-
+from . import jsonutil
 from .clock import utc_iso
 from .contract import LogLevel
-from .secret import REDACTED, Redactor, Secret
+from .secret import REDACTED, Redactor
 
 FORMATS = ("json", "text", "logfmt")
 SANITIZE_MODES = ("strict", "moderate", "none")
@@ -104,24 +103,9 @@ class Sanitizer:
 # --- rendering -------------------------------------------------------------------
 
 
-def _fallback(obj: Any) -> Any:
-    """orjson's `default=`: anything unknown becomes its str(); a Secret its mask."""
-    if isinstance(obj, Secret):
-        return REDACTED
-    if isinstance(obj, (set, frozenset)):
-        return sorted(map(str, obj))
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    return str(obj)
-
-
 def dumps(value: Any) -> bytes:
     """Compact JSON that never raises: unserialisable parts degrade to strings."""
-    try:
-        return orjson.dumps(value, default=_fallback, option=orjson.OPT_NON_STR_KEYS)
-    except (TypeError, orjson.JSONEncodeError):
-        # e.g. an integer beyond 64 bits: the stdlib encoder keeps the structure
-        return json.dumps(value, default=_fallback, separators=(",", ":")).encode()
+    return jsonutil.dumps(value)
 
 
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
