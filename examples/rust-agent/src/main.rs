@@ -169,11 +169,12 @@ fn display(path: &Path) -> String {
 
 impl<'a> Job<'a> {
     fn progress(&mut self, current: &Path, force: bool) -> Result<(), Failure> {
+        let current = display(current);
         let p = Progress {
             bytes: self.done.bytes,
             files: self.done.files,
             total_bytes: self.total_bytes,
-            current_file: Some(&display(current)),
+            current_file: Some(&current),
             elapsed: self.pace.started.elapsed(),
         };
         self.control.progress(&p, force)
