@@ -21,6 +21,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -259,6 +260,30 @@ def test_the_archive_is_the_same_for_the_same_tree(
         manifest = json.loads((job_dir(env) / "manifest.json").read_text())
         digests.append(manifest["artifacts"][0]["checksum"]["value"])
     assert digests[0] == digests[1]
+
+
+def test_the_staging_dir_is_never_archived(
+    rust_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A source above the staging dir (`/` in a container): the archive reads neither
+    itself nor other jobs' artifacts."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_bytes(b"kept\n")
+    other_job = Path(rust_env["BAQUP_STAGING_DIR"]) / "other-job"
+    other_job.mkdir()
+    (other_job / "old.tar").write_bytes(b"x" * 1000)
+    env = dict(rust_env, BAQUP_SOURCE_PATH=str(tmp_path))
+    result = run_baqup(["--schema", str(SCHEMA), "snapshot"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jdir = job_dir(env)
+    verify(jdir)
+    with tarfile.open(jdir / "source.tar") as tar:
+        names = tar.getnames()
+    assert "data/keep.txt" in names
+    assert [n for n in names if n.split("/")[0] == "staging"] == []
+    (event,) = read_stream(redis_client, f"{prefix(env)}events:{env['BAQUP_JOB_ID']}")
+    assert event["code"] == "STAGING_EXCLUDED"
+    assert event["sample_paths"] == ["staging"]
 
 
 def slow_source(root: Path, size: int) -> Path:

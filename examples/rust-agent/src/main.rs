@@ -41,6 +41,8 @@ struct Config {
     work_dir: PathBuf,
     /// Bytes a second read from the source; 0 = as fast as the disk goes.
     rate_limit: u64,
+    /// (device, inode) of the staging, job and work dirs: never walked into.
+    fenced: Vec<(u64, u64)>,
 }
 
 fn required(name: &str) -> Result<String, Failure> {
@@ -108,7 +110,13 @@ impl Config {
             }
             Err(e) => return Err(Failure::io(&format!("source {}", source.display()), &e)),
         }
-        Ok(Config { source, work_dir, rate_limit })
+        let fenced = ["BAQUP_STAGING_DIR", "BAQUP_JOB_DIR", "BAQUP_WORK_DIR"]
+            .iter()
+            .filter_map(std::env::var_os)
+            .filter_map(|dir| fs::metadata(dir).ok())
+            .map(|meta| (meta.dev(), meta.ino()))
+            .collect();
+        Ok(Config { source, work_dir, rate_limit, fenced })
     }
 }
 
@@ -307,9 +315,9 @@ impl<'a> Job<'a> {
 }
 
 /// The first walk: what there is to archive, for the percentages and the estimate.
-fn survey(source: &Path) -> Result<Totals, Failure> {
+fn survey(config: &Config) -> Result<Totals, Failure> {
     let mut totals = Totals::default();
-    walk::walk(source, &mut |entry| {
+    walk::walk(&config.source, &config.fenced, &mut |entry| {
         check_signals()?;
         if let (Item::File, Some(meta)) = (&entry.item, &entry.meta) {
             totals.files += 1;
@@ -321,7 +329,7 @@ fn survey(source: &Path) -> Result<Totals, Failure> {
 }
 
 fn run(config: &Config, control: Control, output: &Path) -> Result<Totals, Failure> {
-    let survey = survey(&config.source)?;
+    let survey = survey(config)?;
     let file =
         OpenOptions::new().write(true).create_new(true).open(output).map_err(|e| {
             Failure::CantCreate(format!("cannot create {}: {}", output.display(), e))
@@ -339,7 +347,7 @@ fn run(config: &Config, control: Control, output: &Path) -> Result<Totals, Failu
     };
     let source = display(&config.source);
     job.control.intent("archive", (survey.bytes as f64 / rate).ceil().max(1.0), &source)?;
-    walk::walk(&config.source, &mut |entry| job.add(entry))?;
+    walk::walk(&config.source, &config.fenced, &mut |entry| job.add(entry))?;
     let Job { mut control, tar, done, pace, .. } = job;
     let file = tar
         .finish()

@@ -231,6 +231,59 @@ mod tests {
         assert_eq!(short, b"9 size=1\n");
     }
 
+    fn member<'a>(name: &'a [u8], size: u64, mtime: i64, link: &'a [u8]) -> Member<'a> {
+        let kind = if link.is_empty() { Kind::File } else { Kind::Symlink };
+        Member { name, kind, size, mode: 0o644, uid: 0, gid: 0, mtime, link }
+    }
+
+    fn headers(m: &Member<'_>) -> Vec<u8> {
+        let mut tar = TarWriter::new(Vec::new());
+        tar.header(m).unwrap();
+        tar.remaining = 0; // the data itself is not the point here
+        tar.out
+    }
+
+    #[test]
+    fn ustar_alone_when_it_holds_everything() {
+        let out = headers(&member(b"plain.txt", 5, 1_000_000_000, b""));
+        assert_eq!(out.len(), BLOCK);
+        assert_eq!(&out[..9], b"plain.txt");
+        assert_eq!(out[156], b'0');
+        assert_eq!(&out[124..136], b"00000000005\0");
+    }
+
+    #[test]
+    fn pax_for_what_ustar_cannot_hold() {
+        let long = [b'n'; 150];
+        let out = headers(&member(&long, 9 << 30, -5, b""));
+        assert_eq!(out[156], b'x');
+        let pax = String::from_utf8_lossy(&out[BLOCK..2 * BLOCK]).into_owned();
+        assert!(pax.contains(&format!("path={}\n", "n".repeat(150))));
+        assert!(pax.contains(&format!("size={}\n", 9u64 << 30)));
+        assert!(pax.contains("mtime=-5\n"));
+        assert!(!pax.contains("hdrcharset"));
+        assert_eq!(out.len(), 3 * BLOCK);
+    }
+
+    #[test]
+    fn binary_names_and_long_links_are_flagged() {
+        let out = headers(&member(b"caf\xe9", 0, 0, &[b'l'; 120]));
+        let pax = String::from_utf8_lossy(&out[BLOCK..2 * BLOCK]).into_owned();
+        assert!(pax.starts_with("21 hdrcharset=BINARY\n"));
+        assert!(pax.contains("path=caf"));
+        assert!(pax.contains(&format!("linkpath={}\n", "l".repeat(120))));
+        assert_eq!(out[2 * BLOCK + 156], b'2');
+    }
+
+    #[test]
+    fn the_checksum_is_the_sum_of_the_header() {
+        let out = headers(&member(b"x", 1, 0, b""));
+        let mut copy = out.clone();
+        copy[148..156].copy_from_slice(b"        ");
+        let sum: u32 = copy.iter().map(|&b| u32::from(b)).sum();
+        assert_eq!(&out[148..156], format!("{:06o}\0 ", sum).as_bytes());
+    }
+
     #[test]
     fn data_is_padded_to_blocks_and_the_archive_to_records() {
         let mut tar = TarWriter::new(Vec::new());

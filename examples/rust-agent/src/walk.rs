@@ -3,12 +3,14 @@
 //! that resolves inside the source is kept as a symlink (an absolute one made relative,
 //! so it restores anywhere), one that leaves it is left out with `SYMLINK_EXTERNAL`.
 //!
-//! An explicit stack, not recursion: a hostile, very deep tree cannot overflow ours.
+//! The staging dir is fenced off: with the source at `/`, the archive must not read
+//! itself, nor other jobs' artifacts. An explicit stack, not recursion: a hostile, very deep tree cannot overflow ours.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::failure::Failure;
@@ -52,8 +54,10 @@ fn skipped(
 }
 
 /// Visit every entry under `root` (not `root` itself); `visit` may stop the walk.
+/// Directories whose (device, inode) is in `fenced` are left out, with an info event.
 pub fn walk(
     root: &Path,
+    fenced: &[(u64, u64)],
     visit: &mut dyn FnMut(Entry) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let real_root = fs::canonicalize(root)
@@ -84,7 +88,10 @@ pub fn walk(
             }
         };
         let kind = meta.file_type();
-        if kind.is_dir() {
+        if kind.is_dir() && fenced.contains(&(meta.dev(), meta.ino())) {
+            let message = String::from("the staging dir is not archived into itself");
+            visit(skipped(relative, "STAGING_EXCLUDED", "info", message))?;
+        } else if kind.is_dir() {
             visit(Entry { relative: relative.clone(), meta: Some(meta), item: Item::Directory })?;
             match list(&absolute) {
                 Ok(names) => stack.push((relative, names)),
@@ -110,7 +117,7 @@ pub fn describe(error: &io::Error, what: &str) -> (&'static str, String) {
     let code = match error.kind() {
         io::ErrorKind::NotFound => "FILE_VANISHED",
         io::ErrorKind::PermissionDenied => "PERMISSION_DENIED",
-        _ => "FILE_CHANGED",
+        _ => "ANOMALY_DETECTED", // a name too long for the kernel, an I/O error...
     };
     (code, format!("{}: {}", what, error))
 }
