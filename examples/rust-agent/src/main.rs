@@ -198,20 +198,16 @@ impl<'a> Job<'a> {
         self.control.event(code, severity, message, &display(path))
     }
 
-    fn write_error(&self, e: &std::io::Error) -> Failure {
-        write_failure(self.output, e)
-    }
-
     fn member(
         &mut self,
-        entry: &Entry,
+        relative: &Path,
         kind: Kind,
         size: u64,
         meta: &fs::Metadata,
         link: &[u8],
     ) -> Result<(), Failure> {
         let member = Member {
-            name: entry.relative.as_os_str().as_bytes(),
+            name: relative.as_os_str().as_bytes(),
             kind,
             size,
             mode: meta.mode(),
@@ -220,42 +216,38 @@ impl<'a> Job<'a> {
             mtime: meta.mtime(),
             link,
         };
-        self.tar.header(&member).map_err(|e| self.write_error(&e))
+        self.tar.header(&member).map_err(|e| write_failure(self.output, &e))
     }
 
     fn add(&mut self, entry: Entry) -> Result<(), Failure> {
         check_signals()?;
-        let meta = match (&entry.item, &entry.meta) {
+        let Entry { relative, meta, item } = entry;
+        match (item, meta) {
             (Item::Skipped { code, severity, message }, _) => {
                 self.done.skipped += 1;
-                let (code, severity, message) = (*code, *severity, message.clone());
-                return self.event(code, severity, &message, &entry.relative);
+                self.event(code, severity, &message, &relative)
             }
-            (_, Some(meta)) => meta.clone(),
-            (_, None) => return Ok(()),
-        };
-        match &entry.item {
-            Item::Directory => {
+            (Item::Directory, Some(meta)) => {
                 self.done.directories += 1;
-                self.member(&entry, Kind::Directory, 0, &meta, b"")
+                self.member(&relative, Kind::Directory, 0, &meta, b"")
             }
-            Item::Symlink(target) => {
+            (Item::Symlink(target), Some(meta)) => {
                 self.done.symlinks += 1;
-                self.member(&entry, Kind::Symlink, 0, &meta, target.as_bytes())
+                self.member(&relative, Kind::Symlink, 0, &meta, target.as_bytes())
             }
-            Item::File => self.add_file(&entry, &meta),
-            Item::Skipped { .. } => Ok(()),
+            (Item::File, Some(meta)) => self.add_file(&relative, &meta),
+            (_, None) => Ok(()), // the walk gives every kept entry its metadata
         }
     }
 
-    fn add_file(&mut self, entry: &Entry, seen: &fs::Metadata) -> Result<(), Failure> {
-        let path = self.config.source.join(&entry.relative);
+    fn add_file(&mut self, relative: &Path, seen: &fs::Metadata) -> Result<(), Failure> {
+        let path = self.config.source.join(relative);
         let mut file = match OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&path) {
             Ok(file) => file,
             Err(e) => {
                 self.done.skipped += 1;
                 let (code, message) = walk::describe(&e, "not readable");
-                return self.event(code, "warn", &message, &entry.relative);
+                return self.event(code, "warn", &message, relative);
             }
         };
         let meta = match file.metadata() {
@@ -268,11 +260,11 @@ impl<'a> Job<'a> {
                     "FILE_CHANGED",
                     "warn",
                     "replaced during the backup; left out",
-                    &entry.relative,
+                    relative,
                 );
             }
         };
-        self.member(entry, Kind::File, meta.len(), &meta, b"")?;
+        self.member(relative, Kind::File, meta.len(), &meta, b"")?;
         while self.tar.remaining() > 0 {
             let want = (self.tar.remaining() as usize).min(CHUNK);
             let got = match file.read(&mut self.buffer[..want]) {
@@ -285,29 +277,28 @@ impl<'a> Job<'a> {
                 self.fill_zeros(missing)?;
                 let message =
                     format!("shrank while it was read; {} missing bytes stored as zeros", missing);
-                self.event("FILE_CHANGED", "warn", &message, &entry.relative)?;
+                self.event("FILE_CHANGED", "warn", &message, relative)?;
                 break;
             }
-            let chunk = self.buffer[..got].to_vec();
-            self.tar.data(&chunk).map_err(|e| self.write_error(&e))?;
+            self.tar.data(&self.buffer[..got]).map_err(|e| write_failure(self.output, &e))?;
             self.done.bytes += got as u64;
-            self.progress(&entry.relative, false)?;
+            self.progress(relative, false)?;
             self.pace.wait(self.done.bytes)?;
         }
         let mut probe = [0u8; 1];
         if let Ok(1) = file.read(&mut probe) {
             let message = format!("grew while it was read; its first {} bytes stored", meta.len());
-            self.event("FILE_CHANGED", "warn", &message, &entry.relative)?;
+            self.event("FILE_CHANGED", "warn", &message, relative)?;
         }
         self.done.files += 1;
-        self.progress(&entry.relative, false)
+        self.progress(relative, false)
     }
 
     fn fill_zeros(&mut self, mut missing: u64) -> Result<(), Failure> {
         let zeros = vec![0u8; CHUNK];
         while missing > 0 {
             let n = missing.min(CHUNK as u64) as usize;
-            self.tar.data(&zeros[..n]).map_err(|e| self.write_error(&e))?;
+            self.tar.data(&zeros[..n]).map_err(|e| write_failure(self.output, &e))?;
             missing -= n as u64;
         }
         Ok(())
