@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import redis
 
@@ -544,6 +545,29 @@ def test_schema_and_cargo_agree() -> None:
     info = json.loads(result.stdout)
     assert info["agent"] == "agent-rust"
     assert info["commands"] == {"snapshot": ["agent-rust"]}
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert all(name.startswith("BAQUP_") for name in schema["properties"])
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("BAQUP_SOURCE_RATE_LIMIT", "1.5M"), ("BAQUP_SOURCE_FOLLOW_SYMLINKS", "follow")],
+)
+def test_validate_refuses_what_the_agent_refuses(name: str, value: str, tmp_path: Path) -> None:
+    """baqup-run --validate catches, from the schema, what the binary would refuse (64)."""
+    env = tool_env()
+    env.update(
+        BAQUP_JOB_ID=str(uuid.uuid4()),
+        BAQUP_STAGING_DIR=str(tmp_path),
+        BAQUP_BUS_URL=f"file://{tmp_path / 'bus'}",
+        BAQUP_SOURCE_PATH=str(tmp_path),
+    )
+    ok = run_baqup(["--validate", "--schema", str(SCHEMA)], env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = run_baqup(["--validate", "--schema", str(SCHEMA)], {**env, name: value})
+    assert bad.returncode == 64, bad.stdout + bad.stderr
+    assert [e["variable"] for e in json.loads(bad.stdout)["errors"]] == [name]
 
 
 def test_readme_runs_as_written(cargo_target: Path, agent_binary: Path, tmp_path: Path) -> None:
