@@ -327,8 +327,8 @@ def test_sigterm_mid_job_is_a_clean_abort(
     assert time.monotonic() - stopped < grace  # it stopped itself: no SIGKILL was needed
     records = job.logs()
     assert not [r for r in records if "SIGKILL" in str(r.get("message"))]
-    stopped_line = [r for r in records if r.get("component") == "child"]
-    assert any("stopped by SIGTERM" in str(r.get("message")) for r in stopped_line)
+    child = [r for r in records if r.get("component") == "child"]
+    assert any("stopped by SIGTERM" in str(r.get("message")) for r in child)
     jdir = job_dir(env)
     assert not (jdir / "manifest.json").exists()
     assert not list(jdir.rglob("source.tar")), "the partial archive was left behind"
