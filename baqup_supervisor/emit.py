@@ -231,21 +231,22 @@ def parse_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
 
 
 class Option:
-    """`--name VALUE` (or `--name=VALUE`), a flag, or a repeatable option."""
+    """`--name VALUE` (or `--name=VALUE`), a flag (no VALUE in its spelling), or a
+    repeatable option; spelled as in the help, e.g. `--message/-m TEXT`."""
 
     def __init__(
         self,
-        names: tuple[str, ...],
+        spelling: str,
         dest: str,
+        help: str,
         convert: Callable[[str, str], Any] = _string,
         *,
-        flag: bool = False,
         multiple: bool = False,
-        metavar: str = "TEXT",
-        help: str = "",
     ) -> None:
-        self.names, self.dest, self.convert = names, dest, convert
-        self.flag, self.multiple, self.metavar, self.help = flag, multiple, metavar, help
+        names, _, self.metavar = spelling.partition(" ")
+        self.names = tuple(names.split("/"))
+        self.flag = not self.metavar
+        self.dest, self.help, self.convert, self.multiple = dest, help, convert, multiple
 
 
 class Command:
@@ -268,7 +269,7 @@ class Command:
         lines = [f"Usage: baqup emit {self.name} [OPTIONS]{args}", "", f"  {self.summary}", ""]
         lines.append("Options:")
         for option in self.options:
-            spelled = ", ".join(option.names) + ("" if option.flag else f" {option.metavar}")
+            spelled = ", ".join(option.names) + (f" {option.metavar}" if option.metavar else "")
             lines.append(f"  {spelled:<26} {option.help}")
         lines.append(f"  {'-h, --help':<26} Show this message and exit.")
         return "\n".join(lines) + "\n"
@@ -381,151 +382,48 @@ def _log(words: list[str], values: dict[str, Any]) -> dict[str, Any]:
 
 
 _SEVERITY = _choice(*LEVELS)
-COMMANDS = {
-    c.name: c
-    for c in (
-        Command(
-            "progress",
-            "Report progress.",
-            "",
-            [
-                Option(
-                    ("--percent",),
-                    "percent_complete",
-                    _percent,
-                    metavar="PCT",
-                    help="Percent complete (0 to 100).",
-                ),
-                Option(
-                    ("--bytes",), "bytes_processed", _count, metavar="N", help="Bytes processed."
-                ),
-                Option(
-                    ("--files",), "files_processed", _count, metavar="N", help="Files processed."
-                ),
-                Option(
-                    ("--current-file",),
-                    "current_file",
-                    metavar="PATH",
-                    help="The file being processed.",
-                ),
-                Option(
-                    ("--eta",),
-                    "estimated_remaining_seconds",
-                    _seconds,
-                    metavar="SECONDS",
-                    help="Estimated seconds remaining.",
-                ),
-            ],
-            _progress,
-        ),
-        Command(
-            "intent",
-            "Declare a long operation (carried in every heartbeat), or --clear it.",
-            "[OPERATION]",
-            [
-                Option(
-                    ("--expected-seconds",),
-                    "expected_duration_seconds",
-                    _seconds,
-                    metavar="SECONDS",
-                    help="How long the operation is expected to take.",
-                ),
-                Option(("--detail",), "detail", help="What the operation works on."),
-                Option(("--clear",), "clear", flag=True, help="Clear the current intent."),
-            ],
-            _intent,
-        ),
-        Command(
-            "event",
-            "Report an event (aggregated per CODE, e.g. PERMISSION_DENIED).",
-            "CODE",
-            [
-                Option(
-                    ("--severity",),
-                    "severity",
-                    _SEVERITY,
-                    metavar="LEVEL",
-                    help=f"{', '.join(LEVELS)} [default: warn].",
-                ),
-                Option(("--message", "-m"), "message", help="What happened."),
-                Option(("--path",), "path", metavar="PATH", help="The file or resource concerned."),
-            ],
-            _event,
-        ),
-        Command(
-            "artifact",
-            "Declare FILENAME (relative to $BAQUP_WORK_DIR) an artifact.",
-            "FILENAME",
-            [
-                Option(
-                    ("--compression",),
-                    "compression",
-                    metavar="NAME",
-                    help="zstd, gzip, lz4 or none [default: from the suffix].",
-                )
-            ],
-            _artifact,
-        ),
-        Command(
-            "component",
-            "Report one component's result (for partial failure).",
-            "NAME",
-            [
-                Option(
-                    ("--status",),
-                    "status",
-                    _choice("success", "failed"),
-                    metavar="STATUS",
-                    help="success or failed (required).",
-                ),
-                Option(
-                    ("--artifact",),
-                    "artifact",
-                    metavar="FILENAME",
-                    help="The component's artifact (relative to $BAQUP_WORK_DIR).",
-                ),
-                Option(
-                    ("--error",), "code", metavar="CODE", help="Error code of a failed component."
-                ),
-                Option(
-                    ("--error-message",),
-                    "error_message",
-                    help="Error message of a failed component.",
-                ),
-            ],
-            _component,
-        ),
-        Command(
-            "metadata",
+_STATUS = _choice("success", "failed")
+_COMMANDS = (
+    Command("progress", "Report progress.", "", [
+        Option("--percent PCT", "percent_complete", "Percent complete (0 to 100).", _percent),
+        Option("--bytes N", "bytes_processed", "Bytes processed.", _count),
+        Option("--files N", "files_processed", "Files processed.", _count),
+        Option("--current-file PATH", "current_file", "The file being processed."),
+        Option("--eta SECONDS", "estimated_remaining_seconds", "Estimated seconds left.", _seconds),
+    ], _progress),
+    Command("intent", "Declare a long operation (carried in every heartbeat), or --clear it.",
+            "[OPERATION]", [
+        Option("--expected-seconds SECONDS", "expected_duration_seconds",
+               "How long the operation is expected to take.", _seconds),
+        Option("--detail TEXT", "detail", "What the operation works on."),
+        Option("--clear", "clear", "Clear the current intent."),
+    ], _intent),
+    Command("event", "Report an event (aggregated per CODE, e.g. PERMISSION_DENIED).", "CODE", [
+        Option("--severity LEVEL", "severity", f"{', '.join(LEVELS)} [default: warn].", _SEVERITY),
+        Option("--message/-m TEXT", "message", "What happened."),
+        Option("--path PATH", "path", "The file or resource concerned."),
+    ], _event),
+    Command("artifact", "Declare FILENAME (relative to $BAQUP_WORK_DIR) an artifact.",
+            "FILENAME", [
+        Option("--compression NAME", "compression",
+               "zstd, gzip, lz4 or none [default: from the suffix]."),
+    ], _artifact),
+    Command("component", "Report one component's result (for partial failure).", "NAME", [
+        Option("--status STATUS", "status", "success or failed (required).", _STATUS),
+        Option("--artifact FILENAME", "artifact", "The component's artifact (in the work dir)."),
+        Option("--error CODE", "code", "Error code of a failed component."),
+        Option("--error-message TEXT", "error_message", "Error message of a failed component."),
+    ], _component),
+    Command("metadata",
             "Merge KEY=VALUE pairs into the manifest's source_metadata (JSON values allowed).",
-            "KEY=VALUE...",
-            [],
-            _metadata,
-        ),
-        Command(
-            "log",
-            "Log MESSAGE as a structured record of the job.",
-            "MESSAGE",
-            [
-                Option(
-                    ("--level",),
-                    "level",
-                    _SEVERITY,
-                    metavar="LEVEL",
-                    help=f"{', '.join(LEVELS)} [default: info].",
-                ),
-                Option(
-                    ("--context",),
-                    "context",
-                    multiple=True,
-                    metavar="KEY=VALUE",
-                    help="Context fields (repeatable; JSON values allowed).",
-                ),
-            ],
-            _log,
-        ),
-    )
-}
+            "KEY=VALUE...", [], _metadata),
+    Command("log", "Log MESSAGE as a structured record of the job.", "MESSAGE", [
+        Option("--level LEVEL", "level", f"{', '.join(LEVELS)} [default: info].", _SEVERITY),
+        Option("--context KEY=VALUE", "context", "A context field (repeatable; JSON allowed).",
+               multiple=True),
+    ], _log),
+)  # fmt: skip
+COMMANDS = {c.name: c for c in _COMMANDS}
 
 
 def usage() -> str:
