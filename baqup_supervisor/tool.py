@@ -101,7 +101,7 @@ def as_error(exc: BaseException) -> BaqupError:
     if isinstance(exc, OSError):
         from .staging import io_error
 
-        return io_error(exc, "baqup")
+        return io_error(exc, str(exc.filename) if exc.filename else "baqup")
     return BaqupError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
@@ -272,12 +272,21 @@ def watch_command(
 
     Exits with the job's exit code once its status arrives.
     """
+    import redis
+
+    from .errors import ResourceUnavailable
     from .secret import Secret
     from .watch import open_source, watch
 
-    source = open_source(Secret(bus_url), prefix, job_id, timeout=5.0)
-    tty = sys.stdout.isatty() and not as_json
-    return watch(source, out=sys.stdout, tty=tty, interval=interval, timeout=timeout)
+    try:
+        source = open_source(Secret(bus_url), prefix, job_id, timeout=5.0)
+        tty = sys.stdout.isatty() and not as_json
+        return watch(source, out=sys.stdout, tty=tty, interval=interval, timeout=timeout)
+    except redis.RedisError as exc:
+        # the bus being down is the controller's transient condition (69), not a bug (70)
+        raise ResourceUnavailable(
+            f"the bus is unreachable: {exc}", code="BUS_UNREACHABLE"
+        ) from None
 
 
 @tool.command("extract")
