@@ -1,8 +1,14 @@
 """The companion tool `baqup`: commands for children, operators and the controller side.
 
-Parses and dispatches only (STYLE habit 2): `emit` for shell agents, `verify`, `decrypt`,
-`extract`, `archive`, `watch` and `labels`. Each command imports what it needs when it
-runs; errors become exit codes here, as in `cli.py` for baqup-run.
+Parses and dispatches only (STYLE habit 2): `emit` for shell agents (parsed in emit.py,
+where the console script serves it without this module), `verify`, `decrypt`, `extract`,
+`archive`, `watch` and `labels`. Each command imports what it needs when it runs.
+
+Errors become exit codes here, and every failure of every command is one log record
+naming its error code (`context.code`, `category`, `exit_code`). A command whose stdout
+is a JSON report (`verify`, `extract`, `decrypt -o`) prints one on failure too, with the
+spec's `error` object; stdout that carries data (a tar, plaintext, control lines) never
+gets one.
 """
 
 from __future__ import annotations
@@ -457,5 +463,5 @@ def _supervised_emit(message: dict[str, Any]) -> None:
 
     try:
         write_message(message)
-    except BaqupError:
+    except (BaqupError, TypeError, ValueError):
         pass
