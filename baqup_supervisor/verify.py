@@ -72,7 +72,9 @@ class _Problems:
         if self.coded:
             code, message = self.coded[0]
             more = len(self.coded) - 1
-            error = _error(code, message + (f" (and {more} more problems)" if more else ""))
+            if more:
+                message += f" (and {more} more problem{'s' if more > 1 else ''})"
+            error = _error(code, message)
             self.report["error"] = {
                 **error.to_error(),
                 "problems": [{"code": c, "message": m} for c, m in self.coded],

@@ -241,7 +241,7 @@ def test_several_problems_are_all_listed_the_first_is_the_error(job: Path) -> No
     codes = [p["code"] for p in report["error"]["problems"]]
     assert sorted(codes) == ["ARTIFACT_MISSING", "CHECKSUM_MISMATCH"]
     assert report["error"]["code"] == codes[0]
-    assert report["error"]["message"].endswith("(and 1 more problems)")
+    assert report["error"]["message"].endswith("(and 1 more problem)")
     assert_error_object(report["error"], failure_record(result, "verify"), codes[0])
 
 
