@@ -26,7 +26,8 @@ from baqup_supervisor.control import ControlMessage, parse_message
 from baqup_supervisor.emit import build, render
 from baqup_supervisor.errors import UsageError
 from tests.conftest import PYTHON, run_baqup
-from tests.jobs import log_records
+from tests.jobs import log_records, prefix
+from tests.test_examples import bus_lines, run_shell_agent
 
 BAQUP = str(Path(PYTHON).parent / "baqup")
 TOOL_MAIN = [PYTHON, "-c", "from baqup_supervisor.tool import tool_main; tool_main()"]
@@ -438,3 +439,24 @@ def test_emit_costs_about_one_interpreter_start(tmp_path: Path) -> None:
         cost.append(_seconds(emitting, env))
     ratio = statistics.median(cost) / statistics.median(base)
     assert ratio <= 2.5, f"baqup emit took {ratio:.2f}x python -c pass ({cost} vs {base})"
+
+
+# --- the shell agent's hot loop ------------------------------------------------------------------
+
+
+def test_shell_agent_raw_progress_lines_are_read_whatever_the_names(tmp_path: Path) -> None:
+    """examples/shell-agent writes its per-file progress with printf: every line must be one
+    the supervisor reads (no PROTOCOL_ERROR), names with a tab, quote or backslash included."""
+    source = tmp_path / "data"
+    source.mkdir()
+    names = ["tab\there.txt", 'quote"d.txt', "back\\slash.txt"]
+    for name in names:
+        (source / name).write_bytes(b"x\n")
+    env, _ = run_shell_agent(tmp_path, source)
+    jid = env["BAQUP_JOB_ID"]
+    status = bus_lines(tmp_path / "bus", f"{prefix(env)}status:{jid}")[-1]
+    assert status["status"] == "success"
+    assert "PROTOCOL_ERROR" not in (status.get("warnings_summary") or {}), status
+    progress = bus_lines(tmp_path / "bus", f"{prefix(env)}progress:{jid}")[-1]
+    assert progress["files_processed"] == len(names)
+    assert progress["current_file"] in {str(source / n) for n in names}
