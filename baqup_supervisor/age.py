@@ -483,7 +483,9 @@ class _Armored:
     def _line(self) -> bytes:
         try:
             line = self._source.line(limit=1024)
-        except DataError:
+        except DataError as exc:
+            if exc.code != "TRUNCATED":
+                raise
             raise DataError("the armored age file is truncated", code="TRUNCATED") from None
         return line.removesuffix(b"\n").removesuffix(b"\r")
 

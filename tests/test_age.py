@@ -252,11 +252,42 @@ def test_malformed_headers_are_refused(keys: list[Key], edit: tuple[bytes, bytes
     assert "not a valid age file" in error.message
 
 
-def test_armor_with_trailing_data_is_refused(keys: list[Key]) -> None:
+def test_armor_accepts_only_whitespace_around_it_and_crlf(keys: list[Key]) -> None:
     data = theirs(b"secret", keys[0].recipient, armor=True)
-    assert read(data + b"\n \n", keys[0]) == b"secret"
+    assert read(b"\n  \n" + data + b"\n \n", keys[0]) == b"secret"
+    assert read(data.replace(b"\n", b"\r\n"), keys[0]) == b"secret"
     error, _ = rejected(data + b"junk\n", keys[0])
     assert "after the armor" in error.message
+
+
+@pytest.mark.parametrize(
+    ("damage", "code"),
+    [
+        ("cut-before-end", "TRUNCATED"),
+        ("long-line", "DECRYPTION_FAILED"),
+        ("joined-lines", "DECRYPTION_FAILED"),
+        ("bad-label", "DECRYPTION_FAILED"),
+        ("empty-line", "DECRYPTION_FAILED"),
+    ],
+)
+def test_damaged_armor_is_refused(keys: list[Key], damage: str, code: str) -> None:
+    data = theirs(plaintext_of(5000), keys[0].recipient, armor=True)
+    lines = data.split(b"\n")
+    assert lines[0] == age.ARMOR_BEGIN
+    if damage == "cut-before-end":
+        damaged = b"\n".join(lines[:5]) + b"\n"
+    elif damage == "long-line":
+        damaged = b"\n".join([lines[0], lines[1] + b"AAAA", *lines[2:]])
+    elif damage == "joined-lines":
+        damaged = b"\n".join([lines[0], lines[1] + lines[2], *lines[3:]])
+    elif damage == "bad-label":
+        damaged = data.replace(b"AGE ENCRYPTED FILE", b"AGE ENCRYPTED DATA", 1)
+    else:
+        damaged = b"\n".join([lines[0], lines[1], b"", *lines[2:]])
+    error, got = rejected(damaged, keys[0])
+    assert error.code == code, error.message
+    assert got == []
+    assert age_decrypt(damaged, keys[0]).returncode != 0
 
 
 # --- parsing recipients and identities ---------------------------------------------------------
