@@ -404,6 +404,7 @@ class AgeEncryptor:
 
     algorithm = "chacha20-poly1305"
     format = FORMAT
+    suffix = ".age"  # after the compression suffix: db.sql.zst.age
 
     def __init__(self, recipients: Sequence[X25519Recipient]) -> None:
         if not recipients:

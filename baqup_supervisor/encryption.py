@@ -176,6 +176,7 @@ class StreamEncryptor:
             self._aead = _aead(algorithm, payload_key)
         else:
             raise ValueError(f"no stream format version {version}")
+        self.suffix = ".enc"  # after the compression suffix: db.sql.zst.enc
         self._version = version
         self._counter = 0
         self._pending = bytearray()

@@ -128,6 +128,7 @@ def test_format_and_manifest() -> None:
     assert FORMAT == "baqup-stream-v2"
     encryptor = StreamEncryptor(KEY, "chacha20-poly1305")
     assert encryptor.format == FORMAT
+    assert encryptor.suffix == ".enc"
     assert encryptor.manifest == {"format": "baqup-stream-v2", "algorithm": "chacha20-poly1305"}
 
 
@@ -271,6 +272,7 @@ def test_new_encryptor_with_recipients_writes_age(algorithm: str | None) -> None
     assert isinstance(encryptor, age.AgeEncryptor)
     assert encryptor.manifest == {"format": "age-encryption.org/v1", "recipients": [SPEC_RECIPIENT]}
     assert encryptor.algorithm == "chacha20-poly1305"
+    assert encryptor.suffix == ".age"
     ciphertext = encryptor.update(PLAINTEXT) + encryptor.finalize()
     identities = age.parse_identities(SPEC_IDENTITY, "BAQUP_SECRET_AGE_IDENTITY")
     assert b"".join(decrypt_stream(io.BytesIO(ciphertext), identities=identities)) == PLAINTEXT
