@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from baqup_supervisor import age
+from baqup_supervisor.bech32 import bech32_decode, bech32_encode
 from baqup_supervisor.contract import ExitCode
 from baqup_supervisor.encryption import decrypt_stream
 from baqup_supervisor.errors import ConfigError, DataError
@@ -138,7 +139,7 @@ def test_the_spec_example_key_pair() -> None:
     assert SPEC_IDENTITY not in repr(identity)
     (recipient,) = age.parse_recipients([SPEC_RECIPIENT], "r")
     assert recipient.public == identity.recipient.public
-    assert age.bech32_encode("AGE-SECRET-KEY-", bytes(range(32))).startswith("AGE-SECRET-KEY-1")
+    assert bech32_encode("AGE-SECRET-KEY-", bytes(range(32))).startswith("AGE-SECRET-KEY-1")
 
 
 def test_identities_read_like_an_identity_file(keys: list[Key]) -> None:
@@ -297,9 +298,9 @@ BAD_RECIPIENTS = {
     "upper": (SPEC_RECIPIENT.upper(), "not an age recipient"),
     "ssh": ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB", "SSH keys are not supported"),
     "pq": ("age1pq1" + "q" * 60, "post-quantum"),
-    "plugin": (age.bech32_encode("age1yubikey", bytes(33)), "plugin recipients"),
-    "short": (age.bech32_encode("age", bytes(31)), "not 32 bytes"),
-    "low-order": (age.bech32_encode("age", bytes(32)), "not a usable X25519"),
+    "plugin": (bech32_encode("age1yubikey", bytes(33)), "plugin recipients"),
+    "short": (bech32_encode("age", bytes(31)), "not 32 bytes"),
+    "low-order": (bech32_encode("age", bytes(32)), "not a usable X25519"),
     "identity": (SPEC_IDENTITY, "not an age recipient"),
 }
 
@@ -324,7 +325,7 @@ BAD_IDENTITIES = {
     "recipient": SPEC_RECIPIENT,
     "pq": "AGE-SECRET-KEY-PQ-1" + "Q" * 60,
     "plugin": "AGE-PLUGIN-YUBIKEY-1" + "Q" * 40,
-    "short": age.bech32_encode("AGE-SECRET-KEY-", bytes(31)),
+    "short": bech32_encode("AGE-SECRET-KEY-", bytes(31)),
     "garbage": "hunter2-is-my-password",
 }
 
@@ -344,3 +345,35 @@ def test_bad_identities_are_config_errors_that_never_echo(text: str) -> None:
 def test_no_identity_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="no age identity"):
         age.parse_identities("# only a comment\n", "BAQUP_SECRET_AGE_IDENTITY")
+
+
+# --- Bech32 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "hrp", "data"),
+    [
+        ("A12UEL5L", "A", b""),
+        (
+            "abcdef1qpzry9x8gf2tvdw0s3jn54khce6mua7lmqqqxw",
+            "abcdef",
+            bytes.fromhex("00443214c74254b635cf84653a56d7c675be77df"),
+        ),
+    ],
+)
+def test_bech32_vectors_of_bip173(text: str, hrp: str, data: bytes) -> None:
+    assert bech32_decode(text) == (hrp, data)
+    assert bech32_encode(hrp, data) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["A12UEL5l", "a12uel5m", "pzry9x0s0muk", "1pzry9x0s0muk", "a1", "a12ue\u00e9l5l"]
+)
+def test_bech32_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match=r"\S"):
+        bech32_decode(text)
+
+
+def test_bech32_round_trips_long_data() -> None:
+    data = os.urandom(200)  # past BIP 173's 90 characters, as age's pq keys are
+    assert bech32_decode(bech32_encode("age", data)) == ("age", data)
