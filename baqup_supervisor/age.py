@@ -95,8 +95,13 @@ class X25519Identity:
 
 
 def parse_recipient(text: str) -> X25519Recipient:
-    """One `age1...` recipient; ValueError saying why not (a recipient may be printed)."""
+    """One `age1...` recipient; ValueError saying why not (never quoting the text)."""
     text = text.strip()
+    if text.upper().startswith(("AGE-SECRET-KEY-", "AGE-PLUGIN-")):
+        raise ValueError(
+            "this is an age identity (a private key), not a recipient: give its public "
+            "key (age-keygen -y FILE) and keep the identity out of the agent"
+        )
     if text.startswith(("ssh-", "ecdsa-")):
         raise ValueError("SSH keys are not supported, only age X25519 recipients (age1...)")
     if text.startswith("age1pq1"):
@@ -120,16 +125,22 @@ def parse_recipient(text: str) -> X25519Recipient:
 
 
 def parse_recipients(values: Iterable[str], variable: str) -> list[X25519Recipient]:
-    """Every recipient of a multi-value setting (duplicates once); ConfigError naming it."""
+    """Every recipient of a multi-value setting (duplicates once); ConfigError naming it.
+
+    A value is quoted only when it looks like a recipient (`age1...`, public by nature):
+    whatever else was put there by mistake may be a secret.
+    """
     recipients: list[X25519Recipient] = []
     seen: set[bytes] = set()
-    for value in values:
+    for number, value in enumerate(values, start=1):
         if not value.strip():
             continue
         try:
             recipient = parse_recipient(value)
         except ValueError as exc:
-            raise ConfigError(f"{variable}: {value.strip()!r}: {exc}") from None
+            text = value.strip()
+            shown = repr(text) if text.startswith("age1") and len(text) < 200 else f"value {number}"
+            raise ConfigError(f"{variable}: {shown}: {exc}") from None
         if recipient.public not in seen:
             seen.add(recipient.public)
             recipients.append(recipient)

@@ -301,7 +301,9 @@ BAD_RECIPIENTS = {
     "plugin": (bech32_encode("age1yubikey", bytes(33)), "plugin recipients"),
     "short": (bech32_encode("age", bytes(31)), "not 32 bytes"),
     "low-order": (bech32_encode("age", bytes(32)), "not a usable X25519"),
-    "identity": (SPEC_IDENTITY, "not an age recipient"),
+    "identity": (SPEC_IDENTITY, "this is an age identity"),
+    "identity-lower": (SPEC_IDENTITY.lower(), "this is an age identity"),
+    "symmetric-key": ("8f" * 32, "not an age recipient"),
 }
 
 
@@ -310,8 +312,15 @@ def test_bad_recipients_are_config_errors(text: str, says: str) -> None:
     with pytest.raises(ConfigError) as caught:
         age.parse_recipients(["", text], "BAQUP_ARTIFACT_ENCRYPT_RECIPIENTS")
     assert caught.value.exit_code == ExitCode.USAGE_CONFIG_ERROR
-    assert caught.value.message.startswith("BAQUP_ARTIFACT_ENCRYPT_RECIPIENTS: ")
-    assert says in caught.value.message
+    message = caught.value.message
+    assert message.startswith("BAQUP_ARTIFACT_ENCRYPT_RECIPIENTS: ")
+    assert says in message
+    if text.startswith("age1"):
+        assert repr(text) in message  # public: quoted, so the operator sees which
+    else:
+        assert "value 2" in message
+        for fragment in re.findall(r"[A-Za-z0-9]{8,}", text):
+            assert fragment not in message  # an identity put there by mistake stays secret
 
 
 def test_no_recipient_is_a_config_error() -> None:
