@@ -349,8 +349,8 @@ def decrypt_stream(
     handed out only once it has been authenticated.
     """
     magic = _read_full(source, len(MAGIC))
-    if magic != MAGIC and MAGIC.startswith(magic) and magic:
-        raise DataError("the encrypted stream is truncated in its header", code="TRUNCATED")
+    if not magic:
+        raise DataError("not an encrypted artifact: it is empty", code="TRUNCATED")
     if magic == MAGIC:
         if key is None:
             raise DataError(
@@ -358,8 +358,8 @@ def decrypt_stream(
                 code="DECRYPTION_FAILED",
             )
         return _symmetric(source, key, magic)
-    if not magic:
-        raise DataError("not an encrypted artifact: it is empty", code="TRUNCATED")
+    if MAGIC.startswith(magic):
+        raise DataError("the encrypted stream is truncated in its header", code="TRUNCATED")
     if AGE_MAGIC.startswith(magic) or magic.lstrip(b" \t\r\n")[:1] in (b"-", b""):
         from . import age
 
@@ -385,7 +385,7 @@ def new_encryptor(
     ConfigError, and so is a symmetric key beside them: the agent must hold nothing
     that decrypts); else `baqup-stream-v2` under the key (aes-256-gcm by default).
     """
-    if recipients:
+    if any(r.strip() for r in recipients):
         if algorithm is not None and algorithm != "chacha20-poly1305":
             raise ConfigError(
                 f"{ALGORITHM_VARIABLE}={algorithm}: age recipients ({RECIPIENTS_VARIABLE}) "

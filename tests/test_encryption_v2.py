@@ -284,10 +284,18 @@ def test_new_encryptor_with_recipients_writes_age(algorithm: str | None) -> None
         (None, "aes-256-gcm", [SPEC_RECIPIENT], "BAQUP_ARTIFACT_ENCRYPT_ALGORITHM"),
         (KEY, None, [SPEC_RECIPIENT], "BAQUP_SECRET_ENCRYPTION_KEY"),
         (None, None, [], "BAQUP_SECRET_ENCRYPTION_KEY"),
+        (None, None, ["", " "], "BAQUP_SECRET_ENCRYPTION_KEY"),
         (None, None, ["age1notarecipient"], "BAQUP_ARTIFACT_ENCRYPT_RECIPIENTS"),
         (KEY, "rot13", [], "BAQUP_ARTIFACT_ENCRYPT_ALGORITHM"),
     ],
-    ids=["recipients-with-aes", "recipients-and-key", "nothing", "bad-recipient", "bad-algorithm"],
+    ids=[
+        "recipients-with-aes",
+        "recipients-and-key",
+        "nothing",
+        "blank-recipients",
+        "bad-recipient",
+        "bad-algorithm",
+    ],
 )
 def test_new_encryptor_refuses_bad_settings(
     key: bytes | None, algorithm: str | None, recipients: list[str], named: str
