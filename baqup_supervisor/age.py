@@ -179,6 +179,23 @@ def parse_identities(source: Secret | str, name: str) -> list[X25519Identity]:
     return identities
 
 
+def read_identity_file(path: str | os.PathLike[str]) -> list[X25519Identity]:
+    """The identities of an identity file (`-i FILE`, as age-keygen writes it)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as handle:
+            raw = handle.read(16 * 1024 * 1024 + 1)
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read the identity file: {exc.strerror}") from None
+    if len(raw) > 16 * 1024 * 1024:
+        raise ConfigError(f"{name}: too large for an identity file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: an identity file is UTF-8 text") from None
+    return parse_identities(text, name)
+
+
 # --- the header -----------------------------------------------------------------------------
 
 

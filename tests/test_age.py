@@ -386,3 +386,18 @@ def test_bech32_refuses(text: str) -> None:
 def test_bech32_round_trips_long_data() -> None:
     data = os.urandom(200)  # past BIP 173's 90 characters, as age's pq keys are
     assert bech32_decode(bech32_encode("age", data)) == ("age", data)
+
+
+def test_identity_files(keys: list[Key], tmp_path: Path) -> None:
+    (identity,) = age.read_identity_file(keys[0].path)
+    assert str(identity.recipient) == keys[0].recipient
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe" + keys[0].secret.encode())
+    missing = tmp_path / "missing"
+    for path, says in [(binary, "UTF-8"), (missing, "cannot read"), (tmp_path, "cannot read")]:
+        with pytest.raises(ConfigError) as caught:
+            age.read_identity_file(path)
+        assert caught.value.exit_code == ExitCode.USAGE_CONFIG_ERROR
+        assert says in caught.value.message
+        assert str(path) in caught.value.message
+        assert keys[0].secret not in caught.value.message
