@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from baqup_supervisor import age
 from baqup_supervisor.bech32 import bech32_decode, bech32_encode
@@ -401,3 +403,32 @@ def test_identity_files(keys: list[Key], tmp_path: Path) -> None:
         assert says in caught.value.message
         assert str(path) in caught.value.message
         assert keys[0].secret not in caught.value.message
+
+
+# --- hostile bytes -------------------------------------------------------------------------------
+
+FUZZ_IDENTITY = age.parse_identities(SPEC_IDENTITY, "id")
+FUZZ_FILE = ours(bytes(range(256)) * 300, SPEC_RECIPIENT, SPEC_RECIPIENT)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_damage_to_a_file_is_a_data_error(data: st.DataObject) -> None:
+    # never another exception (no 70 for hostile input), never unauthenticated bytes
+    damaged = bytearray(FUZZ_FILE)
+    header_end = payload_start(FUZZ_FILE)
+    for _ in range(data.draw(st.integers(1, 4), label="edits")):
+        where = data.draw(st.integers(0, header_end + 40), label="where")
+        match data.draw(st.sampled_from(["flip", "insert", "delete"]), label="edit"):
+            case "flip":
+                damaged[where] ^= data.draw(st.integers(1, 255), label="xor")
+            case "insert":
+                damaged[where:where] = data.draw(st.binary(min_size=1, max_size=3), label="b")
+            case "delete":
+                del damaged[where : where + data.draw(st.integers(1, 3), label="n")]
+    if bytes(damaged) == FUZZ_FILE:
+        return
+    got: list[bytes] = []
+    with pytest.raises(DataError):
+        got.extend(decrypt_stream(io.BytesIO(bytes(damaged)), identities=FUZZ_IDENTITY))
+    assert got == []
