@@ -246,14 +246,18 @@ class _Input:
         self._buffer += data
         return bool(data)
 
-    def line(self, limit: int = MAX_HEADER) -> bytes:
-        """The next line with its LF; TRUNCATED at the end of the file."""
+    def line(self, limit: int = MAX_HEADER, *, last: bool = False) -> bytes:
+        """The next line with its LF; TRUNCATED at the end of the file, unless `last`
+        lets the file's last line go without one (the armor's end line may)."""
         start = 0
         while (end := self._buffer.find(b"\n", start)) < 0:
             start = len(self._buffer)
             if start > limit:
                 raise _malformed("a header line is too long")
             if not self._fill():
+                if last and self._buffer:
+                    end = len(self._buffer) - 1
+                    break
                 raise DataError("the age file is truncated in its header", code="TRUNCATED")
         line = bytes(self._buffer[: end + 1])
         del self._buffer[: end + 1]
@@ -445,7 +449,7 @@ class _Armored:
 
     def _line(self) -> bytes:
         try:
-            line = self._source.line(limit=1024)
+            line = self._source.line(limit=1024, last=True)
         except DataError as exc:
             if exc.code != "TRUNCATED":
                 raise
@@ -498,7 +502,8 @@ def decrypt(source: Any, identities: Sequence[X25519Identity]) -> Iterator[bytes
             "the artifact is an age file: an identity is needed", code="DECRYPTION_FAILED"
         )
     data = _Input(source)
-    if not data.peek(len(INTRO)).startswith(INTRO[:8]):
+    head = data.peek(len(INTRO))
+    if not (head.startswith(INTRO[:8]) or INTRO.startswith(head)):  # else binary, maybe cut
         armored = _Armored(data)
         armored.start()
         data = _Input(armored)
@@ -531,38 +536,50 @@ def decrypt(source: Any, identities: Sequence[X25519Identity]) -> Iterator[bytes
 
 
 def _payload(data: _Input, aead: Any) -> Iterator[bytes]:
+    """The chunks, each handed out once authenticated; the faults after them then raise.
+
+    A full-size chunk may be the last one, so it is opened as the last when the file
+    ends after it and as a middle one otherwise, then the other way round: a chunk that
+    authenticates in the wrong place is still authentic (the reference implementation
+    hands it out too), and the misplacement is the error that follows it.
+    """
     from cryptography.exceptions import InvalidTag
 
     counter = 0
     while True:
         sealed = data.read(RECORD_SIZE)
-        final = len(sealed) < RECORD_SIZE or data.at_end()
-        if final and len(sealed) < TAG_SIZE:
+        at_end = len(sealed) < RECORD_SIZE or data.at_end()
+        if len(sealed) < TAG_SIZE:
+            what = "no final chunk" if not sealed else "inside a chunk"
             raise DataError(
-                f"the age file is truncated after chunk {counter} (no final chunk)",
-                code="TRUNCATED",
+                f"the age file is truncated after chunk {counter} ({what})", code="TRUNCATED"
             )
-        if final and counter and len(sealed) == TAG_SIZE:
+        if at_end and counter and len(sealed) == TAG_SIZE:
             raise DataError("the age file ends with an empty chunk", code="DECRYPTION_FAILED")
-        try:
-            plain: bytes = aead.decrypt(_nonce(counter, final), sealed, None)
-        except InvalidTag:
-            if final and len(sealed) == RECORD_SIZE:
-                try:
-                    aead.decrypt(_nonce(counter, False), sealed, None)
-                except InvalidTag:
-                    pass
-                else:
-                    raise DataError(
-                        f"the age file is truncated after chunk {counter + 1} (no final chunk)",
-                        code="TRUNCATED",
-                    ) from None
+        flags = [at_end, not at_end] if len(sealed) == RECORD_SIZE else [True]
+        plain: bytes | None = None
+        for final in flags:
+            try:
+                plain = aead.decrypt(_nonce(counter, final), sealed, None)
+                break
+            except InvalidTag:
+                continue
+        if plain is None:
             raise DataError(
                 f"decryption failed at chunk {counter}: the age file is damaged or tampered with",
                 code="DECRYPTION_FAILED",
-            ) from None
+            )
         counter += 1
         if plain:
             yield plain
+        if final and not at_end:
+            raise DataError(
+                f"data after the final chunk (chunk {counter - 1})", code="DECRYPTION_FAILED"
+            )
+        if at_end and not final:
+            raise DataError(
+                f"the age file is truncated after chunk {counter - 1} (no final chunk)",
+                code="TRUNCATED",
+            )
         if final:
             return

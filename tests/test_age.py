@@ -203,13 +203,27 @@ def test_truncation_anywhere_fails_and_is_named(keys: list[Key]) -> None:
 
 
 def test_a_file_cut_after_a_full_chunk_is_truncated(keys: list[Key]) -> None:
-    # a full-size chunk at the end that only authenticates as a middle chunk
+    # a full-size chunk at the end that only authenticates as a middle chunk: it is
+    # authentic, so it is handed out (as age does), and the missing end is the error
     plaintext = plaintext_of(2 * CHUNK + 1)
     data = ours(plaintext, keys[0].recipient)
     cut = payload_start(data) + 2 * RECORD
     error, got = rejected(data[:cut], keys[0])
     assert error.code == "TRUNCATED"
-    assert got == [plaintext[:CHUNK]]
+    assert "no final chunk" in error.message
+    assert got == [plaintext[:CHUNK], plaintext[CHUNK : 2 * CHUNK]]
+
+
+@pytest.mark.parametrize("garbage", [b"x", b"y" * 100, b"z" * RECORD])
+def test_data_after_a_full_final_chunk_fails(keys: list[Key], garbage: bytes) -> None:
+    # a full-size last chunk authenticates as the last only: what follows it is refused
+    plaintext = plaintext_of(2 * CHUNK)
+    data = ours(plaintext, keys[0].recipient)
+    assert len(data) == payload_start(data) + 2 * RECORD  # no empty chunk after it
+    error, got = rejected(data + garbage, keys[0])
+    assert error.code == "DECRYPTION_FAILED"
+    assert "data after the final chunk" in error.message
+    assert got == [plaintext[:CHUNK], plaintext[CHUNK:]]
 
 
 @pytest.mark.parametrize(
@@ -259,6 +273,7 @@ def test_armor_accepts_only_whitespace_around_it_and_crlf(keys: list[Key]) -> No
     data = theirs(b"secret", keys[0].recipient, armor=True)
     assert read(b"\n  \n" + data + b"\n \n", keys[0]) == b"secret"
     assert read(data.replace(b"\n", b"\r\n"), keys[0]) == b"secret"
+    assert read(data.rstrip(b"\n"), keys[0]) == b"secret"  # no end of line after END
     error, _ = rejected(data + b"junk\n", keys[0])
     assert "after the armor" in error.message
 
