@@ -283,19 +283,29 @@ def _valid_arg(arg: bytes) -> bool:
 
 def _read_header(source: _Input) -> tuple[list[_Stanza], bytes, bytes]:
     """(stanzas, the header bytes the MAC covers, the MAC)."""
-    first = source.line()
+    covered: list[bytes] = []
+    size = 0
+
+    def line() -> bytes:
+        # the whole header is bounded, not only each line: a hostile file gets no memory
+        nonlocal size
+        text = source.line()
+        size += len(text)
+        if size > MAX_HEADER:
+            raise _malformed("the header is too long")
+        return text
+
+    first = line()
     if first != INTRO:
         if first.startswith(b"age-encryption.org/"):
             raise _malformed(f"unsupported version {first[19:-1].decode('ascii', 'replace')!r}")
         raise _malformed("no age-encryption.org/v1 line")
-    covered = [first]
+    covered.append(first)
     stanzas: list[_Stanza] = []
     while True:
-        if sum(map(len, covered)) > MAX_HEADER:
-            raise _malformed("the header is too long")
-        line = source.line()
-        if line.startswith(b"---"):
-            parts = line[:-1].split(b" ")
+        text = line()
+        if text.startswith(b"---"):
+            parts = text[:-1].split(b" ")
             if parts[0] != b"---" or len(parts) != 2:
                 raise _malformed("bad closing line")
             try:
@@ -306,22 +316,22 @@ def _read_header(source: _Input) -> tuple[list[_Stanza], bytes, bytes]:
                 raise _malformed("bad header MAC encoding")
             covered.append(b"---")
             break
-        parts = line[:-1].split(b" ")
+        parts = text[:-1].split(b" ")
         if parts[0] != b"->" or len(parts) < 2 or not all(_valid_arg(a) for a in parts[1:]):
             raise _malformed("bad recipient stanza line")
-        covered.append(line)
+        covered.append(text)
         body = bytearray()
         while True:
-            line = source.line()
+            text = line()
             try:
-                chunk = _unb64(line[:-1])
+                chunk = _unb64(text[:-1])
             except ValueError:
                 raise _malformed("bad stanza body (a stanza must end with a short line)") from None
-            if len(line) > 65:
+            if len(text) > 65:
                 raise _malformed("a stanza body line is longer than 64 columns")
-            covered.append(line)
+            covered.append(text)
             body += chunk
-            if len(line) < 65:
+            if len(text) < 65:
                 break
         stanzas.append(_Stanza(parts[1:], bytes(body)))
     if not stanzas:

@@ -447,3 +447,14 @@ def test_any_damage_to_a_file_is_a_data_error(data: st.DataObject) -> None:
     with pytest.raises(DataError):
         got.extend(decrypt_stream(io.BytesIO(bytes(damaged)), identities=FUZZ_IDENTITY))
     assert got == []
+
+
+@pytest.mark.parametrize("shape", ["one-long-line", "many-stanzas", "endless-body"])
+def test_a_huge_header_is_refused_quickly(keys: list[Key], shape: str) -> None:
+    filler = {
+        "one-long-line": b"-> " + b"x" * (2 * age.MAX_HEADER) + b"\n",
+        "many-stanzas": b"-> a\n\n" * (age.MAX_HEADER // 5),
+        "endless-body": b"-> a\n" + (b"A" * 64 + b"\n") * (age.MAX_HEADER // 64),
+    }[shape]
+    error, _ = rejected(b"age-encryption.org/v1\n" + filler + b"--- x\n", keys[0])
+    assert "too long" in error.message
