@@ -1,13 +1,33 @@
 """The outbox: every bus message leaves through here, in order, and none is lost.
 
 Owns the sender thread, the fallback buffer and reconnection (spec section 3 "Bus
-Unavailability", INTERFACE.md section 4). `put` never blocks and never raises. While
-the bus is reachable, messages are sent in order. When a send fails, that message
-and every later one are appended to `$BAQUP_BUS_FALLBACK_DIR/{job_id}/buffer.jsonl`
-and fsynced before they count as sent; reconnection follows the configured backoff,
-each attempt reported as a `CONNECTION_RETRY` event; on reconnect the buffer is
-replayed in order before anything new, then removed. `drain` is the end of the job:
-it waits for the buffer to empty, retrying until the grace period runs out.
+Unavailability", INTERFACE.md sections 4 and 10). `put` never blocks and never
+raises. While the bus is reachable, messages are sent in order. A message counts as
+delivered only when the transport's send returned; a send that fails in any way
+(`BusUnavailable`, `MessageRefused`, or anything else a transport lets out) is "not
+delivered": that message and every later one are appended to
+`$BAQUP_BUS_FALLBACK_DIR/{job_id}/buffer.jsonl` and fsynced; reconnection follows
+the configured backoff, each attempt reported as a `CONNECTION_RETRY` event; on
+reconnect (a PING answered PONG) the buffer is replayed in order before anything
+new, then removed.
+
+What is retried, and what is not:
+- A bus that cannot be used (connection, timeout, garbled reply, a server-wide
+  condition such as OOM or READONLY) is retried without limit, in order, until the
+  end of the grace period: nothing is skipped, so a controller never sees a later
+  message without the earlier ones.
+- A message the server refuses as such (`MessageRefused`: WRONGTYPE, NOPERM, a
+  command error) is retried like the above, but after `REFUSE_LIMIT` refusals in a
+  row, with no message delivered in between, it is set aside: appended to
+  `rejected.jsonl` beside the buffer and logged, so the messages after it still
+  flow instead of waiting behind it forever.
+- A message set aside, or dropped from memory when neither the buffer file nor the
+  bus would take it, makes the job "not delivered": `drain` returns False and the
+  job ends 75 with `.baqup-status.json` (session.py), even if the status itself
+  reached the bus.
+
+`drain` is the end of the job: it waits for the buffer to empty, retrying until the
+grace period runs out.
 """
 
 from __future__ import annotations
@@ -22,10 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from . import backoff
-from .bus import BusUnavailable, Message, Transport, append_line, read_lines
+from . import backoff, jsonutil
+from .bus import BusUnavailable, Message, MessageRefused, Transport, append_line, read_lines
 from .logs import Logger
 
 
@@ -45,7 +63,7 @@ class FallbackBuffer:
         self.count = 0
 
     def append(self, message: Message) -> None:
-        append_line(self.path, orjson.dumps(message.to_json(), default=str) + b"\n")
+        append_line(self.path, jsonutil.dumps(message.to_json()) + b"\n")
         self.count += 1
 
     def messages(self) -> list[Message]:
@@ -63,7 +81,7 @@ class FallbackBuffer:
             self.remove()
             return
         tmp = self.path.with_suffix(".tmp")
-        data = b"".join(orjson.dumps(m.to_json(), default=str) + b"\n" for m in remaining)
+        data = b"".join(jsonutil.dumps(m.to_json()) + b"\n" for m in remaining)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, data)
@@ -87,6 +105,7 @@ class FallbackBuffer:
 
 _STOP = object()
 MEMORY_LIMIT = 10_000  # undelivered messages held in memory when the disk buffer fails
+REFUSE_LIMIT = 3  # refusals of one message in a row before it is set aside
 
 
 class Outbox:
@@ -112,6 +131,9 @@ class Outbox:
         self.gave_up = False
         self.buffer_failed: str | None = None  # why the fallback buffer could not be written
         self._memory: deque[Message] = deque()  # what could not be buffered on disk
+        self.rejected_path = buffer.path.with_name("rejected.jsonl")
+        self.rejected = 0  # messages refused REFUSE_LIMIT times and set aside
+        self._refusals = 0  # refusals since the last delivery: all of the head message
         self.lost = 0
         self.sent = 0
         self._attempt = 0
@@ -134,13 +156,15 @@ class Outbox:
 
     @property
     def undelivered(self) -> int:
-        return self._pending + self.buffer.count + len(self._memory)
+        """Messages not (yet) on the bus, including those given up on."""
+        return self._pending + self.buffer.count + len(self._memory) + self.rejected + self.lost
 
     def drain(self, grace: float) -> bool:
         """Wait until everything is delivered; keep reconnecting for `grace` seconds.
 
         True when the bus has every message; False when some are still only in the
-        fallback buffer (or not even there) after the grace period.
+        fallback buffer (or not even there) after the grace period, or were set aside
+        or dropped on the way.
         """
         deadline = time.monotonic() + grace
         self._grace_deadline = deadline
@@ -155,9 +179,18 @@ class Outbox:
                 if remaining <= 0:
                     break
                 self._idle.wait(min(remaining, 0.2))
-            return (
+            delivered = (
                 not self._pending and not self.buffer.count and not self._memory and self.connected
             )
+        if self.rejected or self.lost:
+            self.log.error(
+                "some messages never reached the bus; the job is reported as not delivered",
+                set_aside=self.rejected,
+                dropped=self.lost,
+                rejected=str(self.rejected_path) if self.rejected else None,
+            )
+            return False
+        return delivered
 
     def close(self) -> None:
         self._queue.put(_STOP)
@@ -185,17 +218,34 @@ class Outbox:
             wait = min(wait, 2.0)
         self._next_attempt = time.monotonic() + wait
 
+    def _send(self, message: Message) -> None:
+        """One send; returns only when the bus took the message, else raises
+        `BusUnavailable` (whatever the transport let out: nothing counts as sent)."""
+        try:
+            self.transport.send(message)
+        except BusUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a transport's bug is still "not sent"
+            raise MessageRefused(f"{type(exc).__name__}: {exc}") from None
+        self._refusals = 0
+        self.sent += 1
+
     def _deliver(self, message: Message) -> None:
         """Send or buffer one message; never raises."""
         if self.connected:
             try:
-                self.transport.send(message)
-                self.sent += 1
+                self._send(message)
                 return
             except BusUnavailable as exc:
                 self.connected = False
+                if isinstance(exc, MessageRefused):
+                    self._refusals += 1
                 self.log.warn(
-                    "bus unreachable; buffering messages",
+                    "bus refused a message; buffering it and what follows, to retry"
+                    if isinstance(exc, MessageRefused)
+                    else "bus unreachable; buffering messages",
+                    kind=message.kind,
+                    key=message.key,
                     reason=str(exc),
                     buffer=str(self.buffer.path),
                 )
@@ -203,14 +253,38 @@ class Outbox:
                 self._schedule_retry()
         self._buffer(message)
 
+    def _hopeless(self, message: Message, exc: MessageRefused) -> bool:
+        """Count one more refusal of the head message; True once it is set aside."""
+        self._refusals += 1
+        if self._refusals < REFUSE_LIMIT:
+            return False
+        self._refusals = 0
+        self.rejected += 1
+        self.log.error(
+            "bus refused a message again and again; set aside so the messages after it "
+            "are delivered (the job will be reported as not delivered)",
+            kind=message.kind,
+            key=message.key,
+            refusals=REFUSE_LIMIT,
+            reason=str(exc),
+            rejected=str(self.rejected_path),
+        )
+        try:
+            append_line(self.rejected_path, jsonutil.dumps(message.to_json()) + b"\n")
+        except OSError as error:
+            self.log.error(
+                "set-aside message could not be written", reason=error.strerror or str(error)
+            )
+        return True
+
     def _buffer(self, message: Message) -> None:
         """To the fallback file; once that fails, to memory (so order is kept)."""
         if self.buffer_failed is None:
             try:
                 self.buffer.append(message)
                 return
-            except OSError as exc:
-                self.buffer_failed = exc.strerror or str(exc)
+            except Exception as exc:  # noqa: BLE001 - OSError, or anything: memory then
+                self.buffer_failed = getattr(exc, "strerror", None) or str(exc)
                 self.log.error(
                     "fallback buffer cannot be written; holding messages in memory",
                     buffer=str(self.buffer.path),
@@ -239,11 +313,14 @@ class Outbox:
             return
         attempt = self._attempt
         if self.on_retry is not None:
-            self.on_retry(attempt, self.transport.name)
+            try:
+                self.on_retry(attempt, self.transport.name)
+            except Exception as exc:  # noqa: BLE001 - reporting the retry must not stop it
+                self.log.error("CONNECTION_RETRY not reported", error=f"{type(exc).__name__}")
         try:
             self.transport.ping()
             self._replay()
-        except (BusUnavailable, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is "not yet": retry later
             self.log.debug("bus reconnection failed", attempt=attempt, reason=str(exc))
             self._schedule_retry()
             return
@@ -254,9 +331,13 @@ class Outbox:
     def _replay(self) -> None:
         self._replay_file()
         while self._memory:
-            self.transport.send(self._memory[0])  # BusUnavailable keeps the rest
+            message = self._memory[0]
+            try:
+                self._send(message)
+            except MessageRefused as exc:  # BusUnavailable keeps the rest, in order
+                if not self._hopeless(message, exc):
+                    raise
             self._memory.popleft()
-            self.sent += 1
         self.buffer_failed = None  # everything is out: the file may be tried again
 
     def _replay_file(self) -> None:
@@ -272,16 +353,25 @@ class Outbox:
             if message.kind == "heartbeat" and latest_heartbeat[message.key] != index:
                 continue  # superseded by a newer heartbeat: stale
             try:
-                self.transport.send(message)
-            except BusUnavailable:
-                try:
-                    self.buffer.rewrite(messages[index:])
-                except OSError:  # keep the rest, in order, ahead of what memory holds
-                    self._memory.extendleft(reversed(messages[index:]))
-                    self.buffer.count = 0
+                self._send(message)
+            except BusUnavailable as exc:
+                if isinstance(exc, MessageRefused) and self._hopeless(message, exc):
+                    continue
+                self._keep(messages[index:])
                 raise
-            self.sent += 1
         self.buffer.remove()
+
+    def _keep(self, remaining: list[Message]) -> None:
+        """What a replay could not send goes back to the buffer, ahead of anything new."""
+        try:
+            self.buffer.rewrite(remaining)
+        except OSError:  # keep the rest, in order, ahead of what memory holds
+            self._memory.extendleft(reversed(remaining))
+            self.buffer.count = 0
+            try:  # else the next replay would send them twice: from the file and memory
+                self.buffer.path.unlink()
+            except OSError:
+                pass
 
     def _run(self) -> None:
         while True:
@@ -297,15 +387,20 @@ class Outbox:
                     return
                 if not self.connected:
                     self._try_reconnect()
-                if isinstance(item, Message):
-                    try:
-                        self._deliver(item)
-                    finally:
-                        with self._idle:
-                            self._pending -= 1
             except Exception as exc:  # noqa: BLE001 - the thread must never die
                 self.log.error("outbox error", error=f"{type(exc).__name__}: {exc}")
                 if not self.connected:
                     self._schedule_retry()  # never spin on a persistent failure
+            if isinstance(item, Message):
+                try:
+                    self._deliver(item)
+                except Exception as exc:  # noqa: BLE001 - never counted as delivered
+                    self.lost += 1
+                    self.log.error(
+                        "message lost", kind=item.kind, error=f"{type(exc).__name__}: {exc}"
+                    )
+                finally:
+                    with self._idle:
+                        self._pending -= 1
             with self._idle:
                 self._idle.notify_all()
