@@ -134,6 +134,8 @@ class Outbox:
         self.rejected_path = buffer.path.with_name("rejected.jsonl")
         self.rejected = 0  # messages refused REFUSE_LIMIT times and set aside
         self._refusals = 0  # refusals since the last delivery: all of the head message
+        self._refused_keys: set[str] = set()  # keys whose last message was set aside
+        self._after_refusal = False  # the bus answers: retrying is no CONNECTION_RETRY
         self.lost = 0
         self.sent = 0
         self._attempt = 0
@@ -228,6 +230,7 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - a transport's bug is still "not sent"
             raise MessageRefused(f"{type(exc).__name__}: {exc}") from None
         self._refusals = 0
+        self._refused_keys.discard(message.key)
         self.sent += 1
 
     def _deliver(self, message: Message) -> None:
@@ -237,28 +240,40 @@ class Outbox:
                 self._send(message)
                 return
             except BusUnavailable as exc:
+                refused = isinstance(exc, MessageRefused)
+                if refused and self._hopeless(message, exc):
+                    return
                 self.connected = False
-                if isinstance(exc, MessageRefused):
-                    self._refusals += 1
-                self.log.warn(
-                    "bus refused a message; buffering it and what follows, to retry"
-                    if isinstance(exc, MessageRefused)
-                    else "bus unreachable; buffering messages",
-                    kind=message.kind,
-                    key=message.key,
-                    reason=str(exc),
-                    buffer=str(self.buffer.path),
-                )
+                self._after_refusal = refused
+                if not refused:
+                    self.log.warn(
+                        "bus unreachable; buffering messages",
+                        reason=str(exc),
+                        buffer=str(self.buffer.path),
+                    )
                 self._attempt = 0
                 self._schedule_retry()
         self._buffer(message)
 
-    def _hopeless(self, message: Message, exc: MessageRefused) -> bool:
-        """Count one more refusal of the head message; True once it is set aside."""
+    def _hopeless(self, message: Message, exc: BusUnavailable) -> bool:
+        """Count one more refusal of the head message; True once it is set aside.
+
+        Set aside at the REFUSE_LIMIT-th refusal in a row, or at the first when the
+        last message to the same key was set aside too (a key of the wrong type, a key
+        the ACL denies): one slow round of retries per key, not per message.
+        """
         self._refusals += 1
-        if self._refusals < REFUSE_LIMIT:
+        if self._refusals < REFUSE_LIMIT and message.key not in self._refused_keys:
+            self.log.warn(
+                "bus refused a message; buffering it and what follows, to retry",
+                kind=message.kind,
+                key=message.key,
+                refusal=self._refusals,
+                reason=str(exc),
+            )
             return False
         self._refusals = 0
+        self._refused_keys.add(message.key)
         self.rejected += 1
         self.log.error(
             "bus refused a message again and again; set aside so the messages after it "
@@ -312,7 +327,7 @@ class Outbox:
         if self.connected or time.monotonic() < self._next_attempt:
             return
         attempt = self._attempt
-        if self.on_retry is not None:
+        if self.on_retry is not None and not self._after_refusal:
             try:
                 self.on_retry(attempt, self.transport.name)
             except Exception as exc:  # noqa: BLE001 - reporting the retry must not stop it
@@ -321,6 +336,7 @@ class Outbox:
             self.transport.ping()
             self._replay()
         except Exception as exc:  # noqa: BLE001 - any failure is "not yet": retry later
+            self._after_refusal = isinstance(exc, MessageRefused)
             self.log.debug("bus reconnection failed", attempt=attempt, reason=str(exc))
             self._schedule_retry()
             return
