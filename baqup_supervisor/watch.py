@@ -227,14 +227,23 @@ def watch(
         out.write(jsonutil.dumps({"kind": kind, "message": message}).decode() + "\n")
         out.flush()
 
+    unreadable = False
     while True:
-        progress = source.progress()
-        events = source.events()
-        status = source.status()
-        for message in [progress, *events, status]:
-            if message and message.get("agent_id") and agent_id is None:
-                agent_id = str(message["agent_id"])
-        heartbeat = source.heartbeat(agent_id) if agent_id else None
+        try:
+            progress = source.progress()
+            events = source.events()
+            status = source.status()
+            for message in [progress, *events, status]:
+                if message and message.get("agent_id") and agent_id is None:
+                    agent_id = str(message["agent_id"])
+            heartbeat = source.heartbeat(agent_id) if agent_id else None
+        except Exception as exc:  # noqa: BLE001 - a bus down or garbled: keep watching
+            if not unreadable:
+                sys.stderr.write(
+                    f"baqup watch: cannot read the bus ({type(exc).__name__}); retrying\n"
+                )
+            unreadable = True
+            progress, events, status, heartbeat = None, [], None, None
         if tty:
             for event in events:
                 out.write(f"\r\033[K{event_line(event)}\n")

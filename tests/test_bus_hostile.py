@@ -610,3 +610,24 @@ def test_watch_on_a_terminal_survives_values_of_any_type(
     assert b"Traceback" not in screen
     assert b"\x1b" not in ONLY_OWN_ESCAPES.sub(b"", screen), screen
     assert b"failed (exit 3): plain text" in screen
+
+
+@pytest.mark.parametrize("fault", [CLOSE, b"+garbage\r\n"], ids=["closes", "garbage"])
+def test_watch_keeps_watching_through_an_unreadable_bus_until_its_timeout(
+    fault: bytes | str, hostile: list[HostileRedis], job_env: dict[str, str]
+) -> None:
+    server = HostileRedis({"*": fault})
+    hostile.append(server)
+    env = dict(job_env, BAQUP_BUS_URL=server.url)
+    started = time.monotonic()
+    result = run_baqup(
+        ["watch", env["BAQUP_JOB_ID"], "--interval", "0.1", "--timeout", "1"],
+        watch_env(env),
+        tool=True,
+    )
+    assert result.returncode == 69, result.stderr
+    assert 1 <= time.monotonic() - started < 20
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("cannot read the bus") == 1
+    assert "no status before the timeout" in result.stderr
+    assert len(server.seen) > 2  # it kept polling
