@@ -268,8 +268,10 @@ class RedisTransport:
         return BusUnavailable(reason)
 
     def _reset(self) -> None:
+        # The failed call has given its connection back to the pool by now; one in use
+        # by another thread (the heartbeat's, the outbox's) is left to finish its call.
         try:
-            self.client.connection_pool.disconnect()
+            self.client.connection_pool.disconnect(inuse_connections=False)
         except Exception:  # noqa: BLE001, S110 - closing a broken socket may fail too
             pass
 

@@ -17,10 +17,14 @@ What is retried, and what is not:
   end of the grace period: nothing is skipped, so a controller never sees a later
   message without the earlier ones.
 - A message the server refuses as such (`MessageRefused`: WRONGTYPE, NOPERM, a
-  command error) is retried like the above, but after `REFUSE_LIMIT` refusals in a
-  row, with no message delivered in between, it is set aside: appended to
-  `rejected.jsonl` beside the buffer and logged, so the messages after it still
-  flow instead of waiting behind it forever.
+  command error, a message that cannot be encoded) is retried like the above (the
+  retries are not reported as `CONNECTION_RETRY`: the bus answers), but after
+  `REFUSE_LIMIT` refusals in a row, with no message delivered in between, it is set
+  aside: appended to `rejected.jsonl` beside the buffer and logged, so the messages
+  after it still flow instead of waiting behind it forever. Once a key had a
+  message set aside, the next refusal of a message to that key sets it aside at
+  once (a key of the wrong type or denied by an ACL costs one round of retries, not
+  one per message); a delivery to the key lifts that.
 - A message set aside, or dropped from memory when neither the buffer file nor the
   bus would take it, makes the job "not delivered": `drain` returns False and the
   job ends 75 with `.baqup-status.json` (session.py), even if the status itself
@@ -176,7 +180,8 @@ class Outbox:
             self._next_attempt = 0.0
         self._queue.put(None)  # wake the thread
         with self._idle:
-            while self._pending or self.buffer.count or self._memory:
+            # `connected` too: a replay empties the buffer a moment before it is set.
+            while self._pending or self.buffer.count or self._memory or not self.connected:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
