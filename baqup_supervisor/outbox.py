@@ -279,23 +279,23 @@ class Outbox:
             return False
         self._refusals = 0
         self._refused_keys.add(message.key)
+        self._set_aside(message, str(exc))
+        return True
+
+    def _set_aside(self, message: Message, reason: str) -> None:
         self.rejected += 1
         self.log.error(
-            "bus refused a message again and again; set aside so the messages after it "
-            "are delivered (the job will be reported as not delivered)",
+            "bus refused a message; set aside so the messages after it are delivered "
+            "(the job will be reported as not delivered)",
             kind=message.kind,
             key=message.key,
-            refusals=REFUSE_LIMIT,
-            reason=str(exc),
+            reason=reason,
             rejected=str(self.rejected_path),
         )
         try:
             append_line(self.rejected_path, jsonutil.dumps(message.to_json()) + b"\n")
-        except OSError as error:
-            self.log.error(
-                "set-aside message could not be written", reason=error.strerror or str(error)
-            )
-        return True
+        except Exception as error:  # noqa: BLE001 - logged above; the count makes it 75
+            self.log.error("set-aside message could not be written", reason=str(error))
 
     def _buffer(self, message: Message) -> None:
         """To the fallback file; once that fails, to memory (so order is kept)."""
@@ -303,13 +303,16 @@ class Outbox:
             try:
                 self.buffer.append(message)
                 return
-            except Exception as exc:  # noqa: BLE001 - OSError, or anything: memory then
-                self.buffer_failed = getattr(exc, "strerror", None) or str(exc)
+            except OSError as exc:
+                self.buffer_failed = exc.strerror or str(exc)
                 self.log.error(
                     "fallback buffer cannot be written; holding messages in memory",
                     buffer=str(self.buffer.path),
                     reason=self.buffer_failed,
                 )
+            except Exception as exc:  # noqa: BLE001 - unencodable: the bus would refuse it too
+                self._set_aside(message, f"cannot be encoded: {type(exc).__name__}")
+                return
         self._remember(message)
 
     def _remember(self, message: Message) -> None:

@@ -231,6 +231,7 @@ def assert_unreported(job: Job, env: Mapping[str, str]) -> dict[str, Any]:
     buffered = read_lines(fallback(env))
     statuses = [m for m in buffered if m["kind"] == "status"]
     assert [m["body"] for m in statuses] == [document]
+    assert not fallback(env, "rejected.jsonl").exists()  # an outage: nothing set aside
     return document
 
 
@@ -248,6 +249,10 @@ HOSTILE_CASES: dict[str, dict[str, bytes | str]] = {
     "exec-garbage": {"EXEC": b"+garbage\r\n"},
     "exec-binary": {"EXEC": b"*2\r\n\x00\xff\r\n"},
     "hset-not-an-integer": {"HSET": b":notanint\r\n"},  # the first heartbeat: was exit 70
+    # error replies about the server, not the message: an outage, never set aside
+    "exec-misconf": {"EXEC": b"-MISCONF Errors writing to disk\r\n"},
+    "hset-oom": {"HSET": b"-OOM command not allowed when used memory > 'maxmemory'\r\n"},
+    "ping-loading": {"PING": b"-LOADING Redis is loading the dataset in memory\r\n"},
 }
 
 
