@@ -389,10 +389,13 @@ class Outbox:
         """What a replay could not send goes back to the buffer, ahead of anything new."""
         try:
             self.buffer.rewrite(remaining)
-        except OSError:  # keep the rest, in order, ahead of what memory holds
+        except OSError as exc:  # keep the rest, in order, ahead of what memory holds
             self._memory.extendleft(reversed(remaining))
             self.buffer.count = 0
-            try:  # else the next replay would send them twice: from the file and memory
+            # New messages go to memory after them (a new file would be replayed first),
+            # and the old file must not be replayed on top of memory.
+            self.buffer_failed = exc.strerror or str(exc)
+            try:
                 self.buffer.path.unlink()
             except OSError:
                 pass
