@@ -1,28 +1,41 @@
 """Registry client: an image's labels and schema through the OCI distribution API.
 
 Owns what a controller needs to pre-flight a job without pulling its image (spec
-section 8, INTERFACE.md section 15): image references, registry credentials, the
-`GET /v2/` probe and its challenge (Basic, or the Bearer token flow), Docker and OCI
-manifests, indexes resolved to a platform, the config blob's `config.Labels`, and a
-cache per digest under `$XDG_CACHE_HOME/baqup/images/`. Every manifest and blob read
-is checked against its sha256 digest. Never: download a layer, speak plain HTTP
-unless asked (`insecure`), forward an Authorization header to another origin, or
-show a password or token in a message.
+section 8, INTERFACE.md section 15): registry credentials, the `GET /v2/` probe and
+its challenge (Basic, or the Bearer token flow), Docker and OCI manifests, indexes
+resolved to a platform, the config blob's `config.Labels`, and a cache per digest
+under `$XDG_CACHE_HOME/baqup/images/`. Every manifest and blob read is checked
+against its sha256 digest. Never: download a layer, speak plain HTTP unless asked
+(`insecure`), forward an Authorization header to another origin, or show a
+password or token in a message. The pure parsers live in `oci.py`, the HTTP rules
+(retries, redirects, TLS) in `oci_http.py`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, DataError, ResourceUnavailable, UsageError
+from .errors import BaqupError, ConfigError, DataError, ResourceUnavailable
+from .oci import (
+    ACCEPT,
+    DIGEST,
+    DOCKER_HUB,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Challenge,
+    ImageRef,
+    Platform,
+    parse_challenge,
+    parse_image,
+    parse_platform,
+    sha256_digest,
+)
 from .oci_http import Response, Transport, origin
 from .secret import Redactor, Secret
 
@@ -34,134 +47,10 @@ PASSWORD_ENV = "BAQUP_SECRET_REGISTRY_PASSWORD"  # noqa: S105 - a variable name
 DEFAULT_PLATFORM = "linux/amd64"
 SCHEMA_LABEL = "io.baqup.schema"
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
-
 # A manifest or an image config is a few kilobytes; these bounds only stop a hostile
 # registry from making us buffer a layer-sized answer.
 MANIFEST_LIMIT = 4 * 1024 * 1024
 CONFIG_LIMIT = 16 * 1024 * 1024
-
-_DOCKER_HUB = "docker.io"
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
-_CHALLENGE_PARAM = re.compile(
-    r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?'
-)
-
-
-# ---------------------------------------------------------------------------
-# pure parsers
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """`registry/repository[:tag][@digest]`, with Docker's defaults applied."""
-
-    registry: str  # host[:port] as written (docker.io for Docker Hub)
-    repository: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def reference(self) -> str:
-        """What to ask the registry for: the digest when pinned, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    @property
-    def api_host(self) -> str:
-        return "registry-1.docker.io" if self.registry == _DOCKER_HUB else self.registry
-
-    def __str__(self) -> str:
-        tail = f":{self.tag}" if self.tag else ""
-        return f"{self.registry}/{self.repository}{tail}{f'@{self.digest}' if self.digest else ''}"
-
-
-def parse_image(text: str) -> ImageRef:
-    """Parse an image reference the way `docker pull` does; UsageError when malformed."""
-
-    def bad(why: str) -> UsageError:
-        return UsageError(f"invalid image reference {text!r}: {why}")
-
-    name, _, digest = text.partition("@")
-    if digest and not _DIGEST.fullmatch(digest):
-        raise bad("the digest must be sha256: and 64 lowercase hex digits")
-    slash = name.rfind("/")
-    tag: str | None = None
-    if ":" in name[slash + 1 :]:
-        name, tag = name.rsplit(":", 1)
-        if not _TAG.fullmatch(tag):
-            raise bad(f"the tag {tag!r} is not a valid tag")
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        registry, repository = first, rest
-    else:
-        registry, repository = _DOCKER_HUB, name
-    if registry in ("index.docker.io", "registry-1.docker.io"):
-        registry = _DOCKER_HUB
-    if registry == _DOCKER_HUB and "/" not in repository:
-        repository = f"library/{repository}"
-    if not _REPOSITORY.fullmatch(repository):
-        raise bad("the repository must be lowercase components separated by '/'")
-    if tag is None and not digest:
-        tag = "latest"
-    return ImageRef(registry, repository, tag, digest or None)
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-    def matches(self, declared: Mapping[str, Any]) -> bool:
-        if declared.get("os") != self.os or declared.get("architecture") != self.architecture:
-            return False
-        return self.variant is None or declared.get("variant") == self.variant
-
-
-def parse_platform(text: str) -> Platform:
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(re.fullmatch(r"[a-z0-9_.-]+", p) for p in parts):
-        raise UsageError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
-    return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """A `WWW-Authenticate` challenge: the scheme (lowercase) and its parameters."""
-
-    scheme: str
-    params: Mapping[str, str]
-
-
-def parse_challenge(header: str) -> Challenge | None:
-    """`Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`; None if neither."""
-    scheme, _, rest = header.strip().partition(" ")
-    params: dict[str, str] = {}
-    for match in _CHALLENGE_PARAM.finditer(rest):
-        value = match.group(2)
-        if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        params[match.group(1).lower()] = value
-    if scheme.lower() not in ("basic", "bearer"):
-        return None
-    return Challenge(scheme.lower(), params)
-
-
-def sha256_digest(data: bytes) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
-
 
 # ---------------------------------------------------------------------------
 # credentials
@@ -180,7 +69,7 @@ class Credentials:
 
 def _config_key_host(key: str) -> str:
     host = key.split("://", 1)[-1].split("/", 1)[0]
-    return _DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io") else host
+    return DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io") else host
 
 
 def find_credentials(registry: str, environ: Mapping[str, str]) -> Credentials | None:
@@ -242,7 +131,7 @@ class RegistryClient:
         backoff: float = 0.2,
     ) -> None:
         self.registry = registry
-        self.host = "registry-1.docker.io" if registry == _DOCKER_HUB else registry
+        self.host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
         self.credentials = credentials
         self.redactor = Redactor()
         if credentials:
@@ -264,8 +153,13 @@ class RegistryClient:
     def __enter__(self) -> RegistryClient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
         self.close()
+        if isinstance(error, BaqupError):
+            # The one place every message of this client passes: a hostile registry may
+            # echo what it was sent (a password, a token) back into an error.
+            error.message = self.redactor.redact(error.message)
+            error.args = (error.message,)
 
     def probe(self) -> None:
         """`GET /v2/`: which scheme answers, and which challenge (if any) it sets."""
@@ -293,11 +187,11 @@ class RegistryClient:
         response = self.transport.request(
             method, url, {**headers, **self._auth_header(scope)}, limit=limit
         )
-        if response.status == 401 and self._challenge is not None:
-            # A token can expire or be too narrow: one fresh one, as the challenge asks.
-            fresh = parse_challenge(response.header("www-authenticate"))
-            if fresh is not None:
-                self._challenge = fresh
+        fresh = parse_challenge(response.header("www-authenticate"))
+        if response.status == 401 and fresh is not None:
+            # A token can expire or be too narrow, and a registry may let /v2/ through
+            # anonymously yet challenge a repository: one more try, as the challenge asks.
+            self._challenge = fresh
             self._authorization.pop(scope, None)
             response = self.transport.request(
                 method, url, {**headers, **self._auth_header(scope)}, limit=limit
@@ -383,9 +277,10 @@ class RegistryClient:
             limit=0,
             method="HEAD",
         )
-        self._check(response, image, f"manifest {image.reference}")
         claimed = response.header("docker-content-digest")
-        return claimed if _DIGEST.fullmatch(claimed) else None
+        if response.status != 200 or not DIGEST.fullmatch(claimed):
+            return None  # the GET that follows reports the error, or does without HEAD
+        return claimed
 
     def blob(self, image: ImageRef, digest: str, size: int | None, limit: int) -> bytes:
         """A blob, checked against its digest (and size): redirects are followed."""
@@ -408,9 +303,10 @@ class RegistryClient:
             raise ConfigError(f"image {image} not found: no {what}{codes}", code="IMAGE_NOT_FOUND")
         if response.status in (401, 403):
             who = f"as {self.credentials.username}" if self.credentials else "anonymously"
+            hint = "" if self.credentials else f": set {USERNAME_ENV} and {PASSWORD_ENV}"
             raise ConfigError(
                 f"registry {self.registry} denied access to {image} {who} "
-                f"(HTTP {response.status}{codes})",
+                f"(HTTP {response.status}{codes}){hint}",
                 code="REGISTRY_DENIED",
             )
         raise self._unexpected(response, f"read {what} of {image}")
@@ -457,9 +353,12 @@ def _select(index: Mapping[str, Any], platform: Platform, image: ImageRef) -> st
         declared = entry.get("platform") if isinstance(entry, dict) else None
         if not isinstance(declared, dict):
             continue
-        available.append(str(Platform(str(declared.get("os")), str(declared.get("architecture")))))
+        if declared.get("os") != "unknown":  # buildx attestations are not images
+            available.append(
+                str(Platform(str(declared.get("os")), str(declared.get("architecture"))))
+            )
         digest = entry.get("digest")
-        if platform.matches(declared) and isinstance(digest, str) and _DIGEST.fullmatch(digest):
+        if platform.matches(declared) and isinstance(digest, str) and DIGEST.fullmatch(digest):
             return digest
     raise ConfigError(
         f"image {image} has no manifest for platform {platform} "
@@ -480,7 +379,7 @@ def fetch_image(client: RegistryClient, image: ImageRef, platform: Platform) -> 
     if kind not in MANIFEST_TYPES or not isinstance(config, dict):
         raise DataError(f"image {image}: unsupported manifest type {kind!r}")
     config_digest, size = config.get("digest"), config.get("size")
-    if not isinstance(config_digest, str) or not _DIGEST.fullmatch(config_digest):
+    if not isinstance(config_digest, str) or not DIGEST.fullmatch(config_digest):
         raise DataError(f"image {image}: the config descriptor has no sha256 digest")
     body = client.blob(image, config_digest, size if isinstance(size, int) else None, CONFIG_LIMIT)
     try:
@@ -558,9 +457,8 @@ def resolve_image(
             return cached
     credentials = find_credentials(ref.registry, env)
     with RegistryClient(
-        ref.api_host, credentials=credentials, insecure=insecure, timeout=timeout, retries=retries
+        ref.registry, credentials=credentials, insecure=insecure, timeout=timeout, retries=retries
     ) as client:
-        client.registry = ref.registry
         if not ref.digest:
             current = client.manifest_digest(ref)
             if current is not None:
