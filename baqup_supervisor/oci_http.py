@@ -10,6 +10,7 @@ Never: show a credential in a message, or retry forever.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import socket
@@ -55,6 +56,29 @@ class Response:
         return f" ({', '.join(codes)[:200]})" if codes else ""
 
 
+@functools.cache
+def _verified_context() -> ssl.SSLContext:
+    # Loading the system's CA store costs tens of milliseconds: once per process.
+    return ssl.create_default_context()
+
+
+def _speaks_tls(url: str, timeout: float) -> bool:
+    """Whether the server completes a TLS handshake. Asked only when plain HTTP is
+    allowed, to choose the scheme, so the certificate is not checked here: the
+    connection then used for https is a verified one."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, parts.port or 443), timeout) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+        except ssl.SSLError:
+            return False
+
+
 class _Retry(Exception):
     """An attempt that may succeed later: the failure to report if none does."""
 
@@ -88,6 +112,14 @@ class Transport:
         """https, unless plain HTTP is allowed and the host refuses TLS (probed once)."""
         if host in self._plain:
             return "http"
+        if self.insecure:
+            try:
+                if not _speaks_tls(f"https://{host}/", self.timeout):
+                    self._plain.add(host)
+                    return "http"
+            except OSError:
+                pass  # unreachable: the request loop reports it, after its retries
+            return "https"
         try:
             self._connect(f"https://{host}/")
         except ssl.SSLCertVerificationError as exc:
@@ -95,14 +127,11 @@ class Transport:
                 f"registry {host}: its TLS certificate is not trusted: {exc.verify_message}"
             ) from None
         except ssl.SSLError as exc:
-            if not self.insecure:
-                raise ConfigError(
-                    f"registry {host} does not speak TLS ({exc.reason or exc}): refusing plain "
-                    "HTTP; pass --insecure (insecure=True) to allow a plain-HTTP registry",
-                    code="REGISTRY_INSECURE",
-                ) from None
-            self._plain.add(host)
-            return "http"
+            raise ConfigError(
+                f"registry {host} does not speak TLS ({exc.reason or exc}): refusing plain "
+                "HTTP; pass --insecure (insecure=True) to allow a plain-HTTP registry",
+                code="REGISTRY_INSECURE",
+            ) from None
         except OSError:
             # Unreachable: the request loop reports it (after its retries) with the URL.
             pass
@@ -117,7 +146,7 @@ class Transport:
         host = parts.hostname or ""
         if parts.scheme == "https":
             connection = http.client.HTTPSConnection(
-                host, parts.port, timeout=self.timeout, context=ssl.create_default_context()
+                host, parts.port, timeout=self.timeout, context=_verified_context()
             )
         else:
             connection = http.client.HTTPConnection(host, parts.port, timeout=self.timeout)

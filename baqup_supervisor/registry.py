@@ -36,11 +36,11 @@ from .oci import (
     parse_platform,
     sha256_digest,
 )
-from .oci_http import Response, Transport, origin
 from .secret import Redactor, Secret
 
 if TYPE_CHECKING:
     from .config import Config
+    from .oci_http import Response
 
 USERNAME_ENV = "BAQUP_REGISTRY_USERNAME"
 PASSWORD_ENV = "BAQUP_SECRET_REGISTRY_PASSWORD"  # noqa: S105 - a variable name
@@ -136,6 +136,8 @@ class RegistryClient:
         self.redactor = Redactor()
         if credentials:
             self.redactor.add(credentials.password, credentials.basic())
+        from .oci_http import Transport  # http.client and ssl: only when we go online
+
         self.transport = Transport(
             insecure=insecure,
             timeout=timeout,
@@ -217,6 +219,8 @@ class RegistryClient:
     def _token(self, challenge: Challenge, scope: str) -> Secret:
         """The Bearer token flow: GET realm?service=...&scope=..., with Basic if we have it."""
         from urllib.parse import urlencode
+
+        from .oci_http import origin
 
         realm = challenge.params.get("realm", "")
         if not realm.startswith(("https://", "http://")):
