@@ -293,6 +293,9 @@ def test_missing_tag_is_64_naming_the_image(registry: Registry, env: dict[str, s
     assert (code, out) == (64, "")
     assert image in err
     assert "not found" in err
+    code, out, err = baqup(["preflight", image, "--env-file", "/nonexistent/job.env"], env)
+    assert (code, out) == (64, "")
+    assert "/nonexistent/job.env: cannot be read" in err
 
 
 def test_registry_down_is_69(env: dict[str, str]) -> None:
@@ -424,6 +427,67 @@ def test_blob_whose_bytes_do_not_match_is_65(
     assert pushed.config in error.message
     assert digest_of(config) in error.message
     assert not list(Path(env["XDG_CACHE_HOME"]).glob("baqup/images/*"))
+
+
+def test_manifest_whose_bytes_do_not_match_is_65(
+    registry: Registry, labels: dict[str, str], env: dict[str, str]
+) -> None:
+    pushed = push_image(registry.url, "baqup/tampered", "2", labels)
+    forged = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST}).encode()
+
+    def tamper(seen: Seen) -> tuple[int, dict[str, str], bytes] | None:
+        if "/manifests/" in seen.path:
+            return 200, {"Content-Type": DOCKER_MANIFEST}, forged
+        return None
+
+    front = Server(rule=tamper, upstream=registry.url).start()
+    try:
+        pinned = fails(
+            65, image=f"{front.host}/baqup/tampered@{pushed.digest}", insecure=True, environ=env
+        )
+        # By tag, the registry's own Docker-Content-Digest is the claim checked.
+        forged_header = Server(
+            rule=lambda seen: (
+                (200, {"Docker-Content-Digest": pushed.digest}, forged)
+                if "/manifests/" in seen.path and seen.method == "GET"
+                else None
+            ),
+            upstream=registry.url,
+        ).start()
+        try:
+            tagged = fails(
+                65, image=f"{forged_header.host}/baqup/tampered:2", insecure=True, environ=env
+            )
+        finally:
+            forged_header.stop()
+    finally:
+        front.stop()
+    for error in (pinned, tagged):
+        assert pushed.digest in error.message
+        assert digest_of(forged) in error.message
+
+
+def test_a_registry_echoing_credentials_never_shows_them(env: dict[str, str]) -> None:
+    def echo(seen: Seen) -> tuple[int, dict[str, str], bytes]:
+        authorization = seen.headers.get("authorization")
+        if authorization is None:
+            return 401, {"WWW-Authenticate": 'Basic realm="echo"'}, b""
+        decoded = base64.b64decode(authorization.split()[1]).decode()
+        errors = [{"code": authorization}, {"code": decoded}]
+        return 400, {"Content-Type": "application/json"}, json.dumps({"errors": errors}).encode()
+
+    front = Server(rule=echo).start()
+    credentials = {"BAQUP_REGISTRY_USERNAME": USER, "BAQUP_SECRET_REGISTRY_PASSWORD": PASSWORD}
+    try:
+        error = fails(
+            65, image=f"{front.host}/baqup/x:1", insecure=True, environ={**env, **credentials}
+        )
+    finally:
+        front.stop()
+    assert "HTTP 400" in error.message
+    assert PASSWORD not in error.message
+    assert base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() not in error.message
+    assert PASSWORD not in str(error)
 
 
 def test_redirect_to_another_origin_drops_authorization(
