@@ -37,6 +37,16 @@ _CHALLENGE_PARAM = re.compile(
 # pure parsers
 
 
+def registry_name(host: str) -> str:
+    """Docker Hub's several host names as one (`docker.io`): for credentials and messages."""
+    return DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io") else host
+
+
+def api_host(registry: str) -> str:
+    """Where a registry's API answers: Docker Hub's is not at `docker.io`."""
+    return "registry-1.docker.io" if registry == DOCKER_HUB else registry
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """`registry/repository[:tag][@digest]`, with Docker's defaults applied."""
@@ -53,7 +63,7 @@ class ImageRef:
 
     @property
     def api_host(self) -> str:
-        return "registry-1.docker.io" if self.registry == DOCKER_HUB else self.registry
+        return api_host(self.registry)
 
     def __str__(self) -> str:
         tail = f":{self.tag}" if self.tag else ""
@@ -80,8 +90,7 @@ def parse_image(text: str) -> ImageRef:
         registry, repository = first, rest
     else:
         registry, repository = DOCKER_HUB, name
-    if registry in ("index.docker.io", "registry-1.docker.io"):
-        registry = DOCKER_HUB
+    registry = registry_name(registry)
     if registry == DOCKER_HUB and "/" not in repository:
         repository = f"library/{repository}"
     if not _REPOSITORY.fullmatch(repository):

@@ -25,15 +25,16 @@ from .errors import BaqupError, ConfigError, DataError, ResourceUnavailable
 from .oci import (
     ACCEPT,
     DIGEST,
-    DOCKER_HUB,
     INDEX_TYPES,
     MANIFEST_TYPES,
     Challenge,
     ImageRef,
     Platform,
+    api_host,
     parse_challenge,
     parse_image,
     parse_platform,
+    registry_name,
     sha256_digest,
 )
 from .secret import Redactor, Secret
@@ -69,7 +70,7 @@ class Credentials:
 
 def _config_key_host(key: str) -> str:
     host = key.split("://", 1)[-1].split("/", 1)[0]
-    return DOCKER_HUB if host in ("index.docker.io", "registry-1.docker.io") else host
+    return registry_name(host)
 
 
 def find_credentials(registry: str, environ: Mapping[str, str]) -> Credentials | None:
@@ -131,7 +132,7 @@ class RegistryClient:
         backoff: float = 0.2,
     ) -> None:
         self.registry = registry
-        self.host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
+        self.host = api_host(registry)
         self.credentials = credentials
         self.redactor = Redactor()
         if credentials:
@@ -190,9 +191,10 @@ class RegistryClient:
             method, url, {**headers, **self._auth_header(scope)}, limit=limit
         )
         fresh = parse_challenge(response.header("www-authenticate"))
-        if response.status == 401 and fresh is not None:
-            # A token can expire or be too narrow, and a registry may let /v2/ through
-            # anonymously yet challenge a repository: one more try, as the challenge asks.
+        if response.status == 401 and fresh is not None and fresh != self._challenge:
+            # A registry may let /v2/ through anonymously yet challenge a repository, or
+            # ask for a wider token: one more try, as the new challenge asks. The same
+            # challenge again means the credentials themselves were refused.
             self._challenge = fresh
             self._authorization.pop(scope, None)
             response = self.transport.request(
