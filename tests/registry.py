@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -59,6 +60,7 @@ class Registry:
     process: subprocess.Popen[bytes]
     directory: Path
     log: Path
+    scheme: str = "http"
 
     @property
     def host(self) -> str:
@@ -66,7 +68,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     def access_log(self) -> str:
         return self.log.read_text(errors="replace")
@@ -75,8 +77,11 @@ class Registry:
         stop_pid(self.process)
 
 
-def start_registry(directory: Path, auth: Mapping[str, Any] | None = None) -> Registry:
-    """docker-registry on loopback with `auth` (the config's `auth` section) or none."""
+def start_registry(
+    directory: Path, auth: Mapping[str, Any] | None = None, tls: tuple[Path, Path] | None = None
+) -> Registry:
+    """docker-registry on loopback with `auth` (the config's `auth` section) or none,
+    over TLS with `tls` (certificate, key), else plain HTTP."""
     binary = shutil.which("docker-registry")
     if binary is None:
         raise RuntimeError("docker-registry is not installed: run ./tests/run (it installs it)")
@@ -92,6 +97,8 @@ def start_registry(directory: Path, auth: Mapping[str, Any] | None = None) -> Re
         }
         if auth:
             config["auth"] = dict(auth)
+        if tls:
+            config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
         path = directory / "config.yml"  # JSON is YAML: no YAML writer needed
         path.write_text(json.dumps(config))
         log = directory / f"registry-{port}.log"
@@ -99,11 +106,12 @@ def start_registry(directory: Path, auth: Mapping[str, Any] | None = None) -> Re
             process = subprocess.Popen(
                 [binary, "serve", str(path)], stdout=sink, stderr=subprocess.STDOUT
             )
-        registry = Registry(port, process, directory, log)
+        registry = Registry(port, process, directory, log, "https" if tls else "http")
+        context = ssl.create_default_context(cafile=str(tls[0])) if tls else None
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                with urllib.request.urlopen(f"{registry.url}/v2/", timeout=1):
+                with urllib.request.urlopen(f"{registry.url}/v2/", timeout=1, context=context):
                     return registry
             except urllib.error.HTTPError:
                 return registry  # 401: up, and asking for credentials
@@ -125,6 +133,45 @@ def htpasswd_auth(directory: Path, users: Mapping[str, str]) -> dict[str, Any]:
         lines.append(done.stdout.strip())
     path.write_text("\n".join(lines) + "\n")
     return {"htpasswd": {"realm": "baqup-test", "path": str(path)}}
+
+
+def tls_files(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own trust anchor) and its key."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "tls.pem", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 # ---------------------------------------------------------------------------
@@ -337,19 +384,29 @@ class TokenServer:
 
 
 def _call(
-    method: str, url: str, body: bytes | None, headers: Mapping[str, str]
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: Mapping[str, str],
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
     request = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
             return answer.status, dict(answer.headers.items()), answer.read()
     except urllib.error.HTTPError as exc:
         raise AssertionError(f"{method} {url}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
 
 
-def upload_blob(base: str, repository: str, data: bytes, auth: Mapping[str, str]) -> str:
+def upload_blob(
+    base: str,
+    repository: str,
+    data: bytes,
+    auth: Mapping[str, str],
+    context: ssl.SSLContext | None = None,
+) -> str:
     digest = digest_of(data)
-    _, headers, _ = _call("POST", f"{base}/v2/{repository}/blobs/uploads/", b"", auth)
+    _, headers, _ = _call("POST", f"{base}/v2/{repository}/blobs/uploads/", b"", auth, context)
     location = urllib.parse.urljoin(base, headers["Location"])
     joiner = "&" if "?" in location else "?"
     _call(
@@ -357,12 +414,18 @@ def upload_blob(base: str, repository: str, data: bytes, auth: Mapping[str, str]
         f"{location}{joiner}digest={digest}",
         data,
         {**auth, "Content-Type": "application/octet-stream"},
+        context,
     )
     return digest
 
 
 def put_manifest(
-    base: str, repository: str, reference: str, document: Mapping[str, Any], auth: Mapping[str, str]
+    base: str,
+    repository: str,
+    reference: str,
+    document: Mapping[str, Any],
+    auth: Mapping[str, str],
+    context: ssl.SSLContext | None = None,
 ) -> str:
     body = json.dumps(document).encode()
     media = str(document["mediaType"])
@@ -371,6 +434,7 @@ def put_manifest(
         f"{base}/v2/{repository}/manifests/{reference}",
         body,
         {**auth, "Content-Type": media},
+        context,
     )
     return digest_of(body)
 
@@ -392,6 +456,7 @@ def push_image(
     auth: Mapping[str, str] | None = None,
     architecture: str = "amd64",
     media: str = OCI_MANIFEST,
+    context: ssl.SSLContext | None = None,
 ) -> Pushed:
     """A config blob with `labels`, a fake layer nobody may fetch, and their manifest."""
     headers = dict(auth or {})
@@ -403,8 +468,8 @@ def push_image(
     }
     config_bytes = json.dumps(config).encode()
     layer_bytes = os.urandom(256)
-    config_digest = upload_blob(base, repository, config_bytes, headers)
-    layer_digest = upload_blob(base, repository, layer_bytes, headers)
+    config_digest = upload_blob(base, repository, config_bytes, headers, context)
+    layer_digest = upload_blob(base, repository, layer_bytes, headers, context)
     config_media = DOCKER_CONFIG if media == DOCKER_MANIFEST else OCI_CONFIG
     manifest = {
         "schemaVersion": 2,
@@ -413,7 +478,7 @@ def push_image(
         "layers": [{"mediaType": LAYER, "digest": layer_digest, "size": len(layer_bytes)}],
     }
     body = json.dumps(manifest).encode()
-    digest = put_manifest(base, repository, tag or digest_of(body), manifest, headers)
+    digest = put_manifest(base, repository, tag or digest_of(body), manifest, headers, context)
     return Pushed(digest, len(body), config_digest, layer_digest)
 
 

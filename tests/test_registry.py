@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from tests.registry import (
     push_image,
     push_index,
     start_registry,
+    tls_files,
 )
 
 SCHEMA_FILE = REPO / "docker/agent-fs/agent-schema.json"
@@ -567,3 +570,34 @@ def test_preflight_api_for_a_controller(
     )
     assert info.labels == labels
     assert [p.variable for p in config.problems] == ["BAQUP_SOURCE_PATH"]
+
+
+def test_tls_registry_verified_without_insecure(
+    tmp_path: Path, labels: dict[str, str], env: dict[str, str]
+) -> None:
+    cert, key = tls_files(tmp_path)
+    server = start_registry(tmp_path / "tls-registry", tls=(cert, key))
+    try:
+        trust = ssl.create_default_context(cafile=str(cert))
+        pushed = push_image(server.url, "baqup/tls", "1", labels, context=trust)
+        image = f"{server.host}/baqup/tls:1"
+        code, out, err = baqup(["inspect", image], {**env, "SSL_CERT_FILE": str(cert)})
+        assert code == 0, err
+        assert json.loads(out)["digest"] == pushed.digest
+        # Not trusted: refused, --insecure or not (it allows plain HTTP, not bad TLS).
+        for extra in ([], ["--insecure"]):
+            code, _, err = baqup(["inspect", image, *extra], env)
+            assert code == 69, err
+            assert "certificate" in err
+    finally:
+        server.stop()
+
+
+def test_a_registry_that_never_answers_times_out(env: dict[str, str]) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the kernel; nothing ever answers
+        image = f"127.0.0.1:{silent.getsockname()[1]}/baqup/x:1"
+        error = fails(69, image=image, insecure=True, environ=env, timeout=0.2, retries=1)
+    assert "timed out" in error.message
+    assert "after 2 attempts" in error.message
