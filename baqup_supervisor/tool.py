@@ -465,3 +465,11 @@ def _supervised_emit(message: dict[str, Any]) -> None:
         write_message(message)
     except (BaqupError, TypeError, ValueError):
         pass
+
+
+# --- baqup inspect, preflight (preflight.py) -------------------------------------------
+
+from .preflight import inspect_command, preflight_command  # noqa: E402 - registered last
+
+tool.add_command(inspect_command)
+tool.add_command(preflight_command)
