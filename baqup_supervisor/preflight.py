@@ -80,8 +80,11 @@ def inspect_command(image: str, platform: str, insecure: bool, timeout: float) -
     BAQUP_SECRET_REGISTRY_PASSWORD, else ~/.docker/config.json)."""
     from .cli import _print_json
     from .registry import inspect_image
+    from .tool import json_report
 
-    _print_json(inspect_image(image, platform=platform, insecure=insecure, timeout=timeout))
+    with json_report(image=image):
+        document = inspect_image(image, platform=platform, insecure=insecure, timeout=timeout)
+    _print_json(document)
     return int(ExitCode.SUCCESS)
 
 
@@ -100,9 +103,13 @@ def preflight_command(
     from .cli import _print_json
     from .logs import logger_from_environ
     from .registry import preflight
+    from .tool import json_report
 
-    job_environ = dict(os.environ) if env_file is None else _read_env_file(env_file)
-    _, config = preflight(image, job_environ, platform=platform, insecure=insecure, timeout=timeout)
+    with json_report(image=image, valid=False):
+        job_environ = dict(os.environ) if env_file is None else _read_env_file(env_file)
+        _, config = preflight(
+            image, job_environ, platform=platform, insecure=insecure, timeout=timeout
+        )
     log = logger_from_environ(os.environ, config.redactor)
     for warning in config.warnings:
         log.warn(str(warning), variable=warning.variable)

@@ -293,18 +293,30 @@ def test_index_resolved_to_platform(
 def test_missing_tag_is_64_naming_the_image(registry: Registry, env: dict[str, str]) -> None:
     image = f"{registry.host}/baqup/agent-fs:no-such-tag"
     code, out, err = baqup(["preflight", image, "--insecure"], env)
-    assert (code, out) == (64, "")
+    assert code == 64
+    assert_failure_report(out, image, 64)
     assert image in err
     assert "not found" in err
     code, out, err = baqup(["preflight", image, "--env-file", "/nonexistent/job.env"], env)
-    assert (code, out) == (64, "")
+    assert code == 64
+    assert_failure_report(out, image, 64)
     assert "/nonexistent/job.env: cannot be read" in err
+
+
+def assert_failure_report(out: str, image: str, exit_code: int) -> None:
+    """A failed inspect or preflight still prints its JSON report, naming the error."""
+    report = json.loads(out)
+    assert report["image"] == image
+    assert report["error"]["exit_code"] == exit_code
+    assert report["error"]["code"]
+    assert report["error"]["message"]
 
 
 def test_registry_down_is_69(env: dict[str, str]) -> None:
     image = f"127.0.0.1:{free_port()}/baqup/agent-fs:1"
-    code, _, err = baqup(["preflight", image, "--insecure"], env)
+    code, out, err = baqup(["preflight", image, "--insecure"], env)
     assert code == 69, err
+    assert_failure_report(out, image, 69)
     assert "registry unavailable" in err
 
 
