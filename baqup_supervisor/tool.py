@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 
@@ -289,8 +289,9 @@ def verify(job_dir: Path, no_checksums: bool) -> int:
 )
 def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompress: str) -> int:
     """Decrypt an encrypted artifact (its PARTS in order); fail loudly on any tampering."""
+    from .compression import ChunkReader
     from .encryption import decrypt_stream, parse_key
-    from .restore import ConcatReader, decoded_output
+    from .restore import ConcatReader, write_decoded
     from .secret import Secret
 
     key = parse_key(Secret(os.environ.get(key_env, "")), key_env)
@@ -299,9 +300,8 @@ def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompre
         from .restore import stored_compression
 
         algorithm = stored_compression(parts[0].name)
-    with ConcatReader(parts) as reader, decoded_output(output, algorithm) as sink:
-        for chunk in decrypt_stream(reader, key):
-            sink(chunk)
+    with ConcatReader(parts) as reader:
+        write_decoded(ChunkReader(decrypt_stream(reader, key)), output, algorithm)
     return int(ExitCode.SUCCESS)
 
 
@@ -357,21 +357,17 @@ def extract_command(archive: Path, dest: Path, compression: str) -> int:
     `-` reads stdin, spooled first to a temp file ($BAQUP_WORK_DIR under baqup-run),
     since every member is validated before anything is written.
     """
-    import tempfile
-
     if str(archive) == "-":
-        spool_dir = os.environ.get("BAQUP_WORK_DIR") or None
-        with tempfile.NamedTemporaryFile(dir=spool_dir, prefix=".baqup-extract-") as spool:
-            while chunk := sys.stdin.buffer.read(1024 * 1024):
-                spool.write(chunk)
-            spool.flush()
-            return _extract(Path(spool.name), dest, compression, shown_as="-")
+        from .extract import spooled
+
+        with spooled(sys.stdin.buffer, os.environ.get("BAQUP_WORK_DIR") or None) as spool:
+            return _extract(spool, dest, compression, shown_as="-")
     if not archive.is_file():
         raise UsageError(f"archive not found: {archive}")
     return _extract(archive, dest, compression, shown_as=str(archive))
 
 
-def _extract(archive: Path, dest: Path, compression: str, *, shown_as: str) -> int:
+def _extract(archive: Path | IO[bytes], dest: Path, compression: str, *, shown_as: str) -> int:
     from dataclasses import asdict
 
     from .errors import SecurityViolation
