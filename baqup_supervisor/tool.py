@@ -484,6 +484,11 @@ def archive_command(
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, output)
+    except OSError as exc:  # a full disk is an I/O error (74)
+        tmp.unlink(missing_ok=True)
+        from .staging import io_error
+
+        raise io_error(exc, f"writing {output}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
