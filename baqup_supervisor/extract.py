@@ -1,13 +1,20 @@
 """Safe tar extraction (spec section 7, "Zip Slip"): validate everything, then extract.
 
-`extract(archive, dest)` reads the archive twice. The first pass checks every
-member with the pure `check_member` and refuses the whole archive on the first
-violation, before a byte lands: absolute names, `..`, names through a symlink of
-the archive, symlinks or hard links that leave DEST, device nodes and FIFOs, and
-pathological archives (over 99% empty files). The second pass writes each member
-itself (no `extractall`), creating files with O_EXCL|O_NOFOLLOW under parents
+`extract(archive, dest)` reads the archive twice from one open file (stdin is first
+spooled to a private, unnamed temp file by `spooled`), so a name swapped meanwhile
+changes nothing. The first pass checks every member with the pure `check_member` and
+refuses the whole archive on the first violation, before a byte lands: absolute
+names, `..`, names through a symlink of the archive, symlinks or hard links that leave
+DEST, device nodes and FIFOs, names longer than DEST's filesystem allows (NAME_MAX,
+PATH_MAX), huge extended headers, corrupt or cut tar headers, and pathological
+archives (over 99% empty files). Any other name is an ordinary POSIX name (`a:b`,
+backslashes, newlines, non-UTF-8 bytes). It records a digest of each member's header
+and a CRC of its data; the second pass compares each member with that record before
+writing it (and its data after), and stops on the first difference. It writes each
+member itself (no `extractall`), creating files with O_EXCL|O_NOFOLLOW under parents
 re-checked against DEST, with setuid, setgid and sticky bits stripped. Plain, gzip,
-zstd and lz4 archives are read as streams, never whole into memory.
+zstd and lz4 archives are decoded in bounded steps (compression.DecodedReader), never
+whole into memory. An OSError (a full disk) is the contract's I/O error (74).
 """
 
 from __future__ import annotations

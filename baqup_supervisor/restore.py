@@ -338,10 +338,15 @@ class Feeder:
         parts = VerifiedParts(self.artifact.parts)
         decoded = DecodedReader(self._stored(parts), self.artifact.compression)
         held = b""
-        while chunk := decoded.read(CHUNK):
-            if held:
-                self._write(held)
-            held = chunk
+        try:
+            while chunk := decoded.read(CHUNK):
+                if held:
+                    self._write(held)
+                held = chunk
+        except DataError as exc:
+            if exc.code != "CHECKSUM_MISMATCH":
+                parts.finish()  # stored bytes changed since `locate`: that is the cause
+            raise
         parts.finish()  # raises unless every part matched: `held` and EOF never go out
         if held:
             self._write(held)

@@ -31,6 +31,8 @@ import zstandard
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from baqup_supervisor.compression import ChunkReader, DecodedReader, ZstdFrames
+from baqup_supervisor.errors import DataError
 from tests.jobs import wait_for
 
 BIN = Path(sys.executable).parent
@@ -414,3 +416,51 @@ def test_a_zstd_frame_asking_for_a_huge_window_is_refused_with_a_clear_message(
     result = baqup("extract", str(archive), str(tmp_path / "dest"))
     assert result.returncode == 65, result.stderr.decode()
     assert b"MiB window" in result.stderr
+
+
+# --- zstd truncation: the frame parser that the decoder lacks ------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(st.binary(max_size=3000), st.booleans(), st.booleans()), min_size=1, max_size=4
+    ),
+    skippable=st.booleans(),
+    data=st.data(),
+)
+def test_zstd_frames_know_a_stream_cut_at_a_frame_boundary_from_a_truncated_one(
+    frames: list[tuple[bytes, bool, bool]], skippable: bool, data: st.DataObject
+) -> None:
+    """zstandard's stream reader ends silently on a cut stream: ZstdFrames must tell."""
+    pieces = [
+        (zstandard.ZstdCompressor(write_checksum=check, write_content_size=size).compress(raw), raw)
+        for raw, check, size in frames
+    ]
+    if skippable:
+        pieces.insert(1, (bytes.fromhex("502a4d18") + (3).to_bytes(4, "little") + b"abc", b""))
+    stream = b"".join(stored for stored, _ in pieces)
+    ends, offset = [0], 0
+    for stored, _ in pieces:
+        offset += len(stored)
+        ends.append(offset)
+    cut = data.draw(st.integers(0, len(stream)))
+    split = data.draw(st.integers(0, cut))
+    parser = ZstdFrames()
+    parser.feed(stream[:split])
+    parser.feed(stream[split:cut])
+    assert parser.at_boundary == (cut in ends)
+    reader = DecodedReader(ChunkReader([stream[:split], stream[split:cut]]), "zstd")
+    if cut in ends:
+        expected = b"".join(
+            raw for (_, raw), end in zip(pieces, ends[1:], strict=True) if end <= cut
+        )
+        assert b"".join(iter(lambda: reader.read(4096), b"")) == expected
+    else:
+        with pytest.raises(DataError, match=r"truncated|corrupt"):
+            drain(reader)
+
+
+def drain(reader: DecodedReader) -> None:
+    while reader.read(4096):
+        pass
