@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from .compression import CHUNK, DecodedReader
-from .errors import DataError, SecurityViolation
+from .errors import DataError, OutputError, SecurityViolation
 from .staging import io_error
 
 MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x1f\x8b": "gzip", b"\x04\x22\x4d\x18": "lz4"}
@@ -447,6 +447,8 @@ def extract(archive: Path | IO[bytes], dest: Path, *, compression: str = "auto")
     """Validate the whole archive, then extract the same bytes into `dest` (created if
     needed): one open file for both passes, and the write pass compares each member with
     what validation saw before writing it."""
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"DEST {dest} exists and is not a directory")
     with _opened(archive) as handle:
         seen = validate(handle, compression, dest)
         try:

@@ -265,6 +265,8 @@ class VerifiedParts:
         self._hasher = new_hasher(parts[0].algorithm) if parts else None
 
     def read(self, size: int = -1, /) -> bytes:
+        if size == 0:
+            return b""
         while self._index < len(self._parts):
             part = self._parts[self._index]
             want = min(CHUNK if size < 0 else size, part.size - self._offset)
