@@ -5,7 +5,8 @@
   then `baqup extract`, byte for byte (hypothesis, real files).
 - Same bytes: the archive is swapped by rename, or rewritten in place, by a concurrent
   process while it is being validated; the write pass writes what was validated, or
-  refuses (65) before writing the member that differs.
+  refuses (65) before writing the member that differs (a member whose data changed is
+  removed again).
 - Memory: a bomb (up to 1 GiB of zeros in a few KB of zstd, gzip or lz4) is
   extracted, and `baqup decrypt`ed, with a peak RSS under 100 MB, measured on the real
   process (getrusage of a parent that only waits for it).
@@ -345,6 +346,33 @@ def test_an_archive_rewritten_in_place_during_validation_is_refused_before_the_c
     assert b"changed while it was extracted" in stderr, stderr.decode()
     assert not (dest / "evil.bin").exists()
     assert os.listdir(dest) == [], "a member was written after the archive changed"
+
+
+def test_member_data_rewritten_in_place_during_validation_is_not_left_in_dest(
+    tmp_path: Path,
+) -> None:
+    archive, dest = tmp_path / "a.tar", tmp_path / "dest"
+    big_archive(archive, "good.txt")
+    process = subprocess.Popen(
+        [BAQUP, "extract", str(archive), str(dest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        found = wait_for(lambda: archive_fd(process.pid, archive), timeout=30, interval=0.001)
+        assert found is not None
+        fd = found
+        wait_for(lambda: position(process.pid, fd) > 2 * MiB, timeout=30, interval=0.001)
+        with open(archive, "r+b") as handle:  # data validation has already read
+            handle.seek(tarfile.BLOCKSIZE + MiB)
+            handle.write(b"changed")
+        assert not dest.exists(), "the race was missed: the write pass had started"
+        _, stderr = process.communicate(timeout=100)
+    finally:
+        process.kill() if process.poll() is None else None
+    assert process.returncode == 65, stderr.decode()
+    assert b"is not the data validated" in stderr, stderr.decode()
+    assert os.listdir(dest) == [], "the changed data was left in DEST"
 
 
 # --- memory: bombs -------------------------------------------------------------------------
