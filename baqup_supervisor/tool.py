@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 
@@ -230,8 +230,9 @@ def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompre
     A failure is logged with its code (DECRYPTION_FAILED, TRUNCATED, ...); with
     --output, stdout (not the plaintext's channel then) also gets a JSON report of it.
     """
+    from .compression import ChunkReader
     from .encryption import decrypt_stream, parse_key
-    from .restore import ConcatReader, decoded_output
+    from .restore import ConcatReader, write_decoded
     from .secret import Secret
 
     reported = (
@@ -246,9 +247,8 @@ def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompre
             from .restore import stored_compression
 
             algorithm = stored_compression(parts[0].name)
-        with ConcatReader(parts) as reader, decoded_output(output, algorithm) as sink:
-            for chunk in decrypt_stream(reader, key):
-                sink(chunk)
+        with ConcatReader(parts) as reader:
+            write_decoded(ChunkReader(decrypt_stream(reader, key)), output, algorithm)
     return int(ExitCode.SUCCESS)
 
 
@@ -311,20 +311,18 @@ def extract_command(archive: Path, dest: Path, compression: str) -> int:
     nodes, FIFOs, pathological archives. setuid/setgid bits are stripped. Exit 65 on a
     refusal, whose code (SECURITY_VIOLATION, TRUNCATED, ANOMALY_DETECTED, ...) is in
     the log record, in the JSON report's `error` on stdout and, under baqup-run, in an
-    event. ARCHIVE `-` reads stdin, spooled first to a temp file ($BAQUP_WORK_DIR under
-    baqup-run), since every member is validated before anything is written.
+    event. ARCHIVE `-` reads stdin, spooled first to a private unnamed temp file
+    ($BAQUP_WORK_DIR under baqup-run), since every member is validated before anything
+    is written.
     """
-    import tempfile
-
     shown_as = str(archive)
     with json_report(archive=shown_as, dest=str(dest)), _event_on_failure(shown_as):
         if shown_as == "-":
+            from .extract import spooled
+
             spool_dir = os.environ.get("BAQUP_WORK_DIR") or None
-            with tempfile.NamedTemporaryFile(dir=spool_dir, prefix=".baqup-extract-") as spool:
-                while chunk := sys.stdin.buffer.read(1024 * 1024):
-                    spool.write(chunk)
-                spool.flush()
-                report = _extract(Path(spool.name), dest, compression)
+            with spooled(sys.stdin.buffer, spool_dir) as spool:
+                report = _extract(spool, dest, compression)
         else:
             if not archive.is_file():
                 raise UsageError(f"archive not found: {archive}", code="ARCHIVE_MISSING")
@@ -333,7 +331,7 @@ def extract_command(archive: Path, dest: Path, compression: str) -> int:
     return int(ExitCode.SUCCESS)
 
 
-def _extract(archive: Path, dest: Path, compression: str) -> dict[str, Any]:
+def _extract(archive: Path | IO[bytes], dest: Path, compression: str) -> dict[str, Any]:
     from dataclasses import asdict
 
     from .extract import extract
