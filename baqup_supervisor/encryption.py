@@ -64,7 +64,9 @@ if TYPE_CHECKING:
 MAGIC = b"BAQUPENC"
 TAG_SIZE = 16
 CHUNK_SIZE = 1024 * 1024
-MAX_CHUNK_SIZE = 64 * 1024 * 1024
+# A header names its chunk size; reading holds about three chunks, so the cap keeps
+# decryption inside the memory bound (INTERFACE §11) whatever a header says.
+MAX_CHUNK_SIZE = 8 * 1024 * 1024
 ALGORITHM_IDS = {"aes-256-gcm": 1, "chacha20-poly1305": 2}
 KEY_VARIABLE = "BAQUP_SECRET_ENCRYPTION_KEY"
 IDENTITY_VARIABLE = "BAQUP_SECRET_AGE_IDENTITY"
