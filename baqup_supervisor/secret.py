@@ -409,17 +409,20 @@ class Redactor:
         return self._fit(out, room) + (marker if len(marker) <= limit else "")
 
     def _fit(self, text: str, room: int) -> str:
+        """The longest start of `text` within `room` that keeps no start of a secret."""
         budget = min(room, len(text))
+        dropped = False  # a secret's start was cut off for want of room for its mask
         while True:
             kept = text[: _outside_masks(text, budget)]
             start = self._secret_start(kept)
             if start is None:
-                return kept
+                return kept + REDACTED if dropped else kept
             if start + len(REDACTED) <= room:
                 return kept[:start] + REDACTED
-            budget = min(start, room - len(REDACTED))
-            if budget <= 0:
+            if room < len(REDACTED):
                 return ""
+            budget = min(start, room - len(REDACTED))
+            dropped = True
 
     def _secret_start(self, text: str) -> int | None:
         """Where the longest end of `text` that opens a secret's spelling begins, if any."""
