@@ -31,8 +31,10 @@ SANITIZE_MODES = ("strict", "moderate", "none")
 
 # --- sanitising ------------------------------------------------------------------
 
+# A key starts where a token starts (not at every `\b`, which made a long `a-a-a-...`
+# run cubic): each token is scanned once.
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<key>\b(?!BAQUP_)[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
+    r"(?i)(?P<key>(?<![\w.-])(?!BAQUP_)[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
     r"|private[_-]?key|credentials?)\b\s*[=:]\s*)(?P<q>[\"']?)(?P<value>[^\s\"'&,;]+)"
 )
 _BEARER = re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")

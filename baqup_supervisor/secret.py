@@ -266,13 +266,16 @@ def _literal_start(form: str, text: str, least: int) -> int | None:
 # --- URLs ------------------------------------------------------------------------
 
 # scheme://user:password@ as written, parsable or not (a bracket left open, a bad port):
-# the password runs to the last `@` of the authority, as urlsplit reads it.
+# the password runs to the last `@` of the authority, as urlsplit reads it. A scheme
+# starts where a run of scheme characters starts: else a long run costs quadratic time.
+_SCHEME = r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://"
 _URL_USERINFO = re.compile(
-    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:@/?#]*:)(?P<password>[^\s/?#]*)"
+    rf"(?P<head>{_SCHEME}[^\s:@/?#]*:)(?P<password>[^\s/?#]*)"
     r"@(?=[^\s@/?#]*(?:[/?#\s]|$))"
 )
-# The same with an unencoded `/` in the password (which no parser reads as one).
-_URL_USERINFO_LOOSE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s:@/?#]*:(?P<password>[^\s@]*)@")
+# The same with an unencoded `/` in the password (which no parser reads as one); bounded,
+# so that a long run without `@` is not scanned again from every scheme in it.
+_URL_USERINFO_LOOSE = re.compile(rf"{_SCHEME}[^\s:@/?#]*:(?P<password>[^\s@]{{0,256}})@")
 _URL_PARAM = re.compile(
     rf"(?P<head>[?&;](?:{'|'.join(URL_SECRET_PARAMS)})=)(?P<password>[^&#;\s]*)", re.IGNORECASE
 )
@@ -409,20 +412,21 @@ class Redactor:
         return self._fit(out, room) + (marker if len(marker) <= limit else "")
 
     def _fit(self, text: str, room: int) -> str:
-        """The longest start of `text` within `room` that keeps no start of a secret."""
-        budget = min(room, len(text))
-        dropped = False  # a secret's start was cut off for want of room for its mask
+        """The longest start of `text` within `room` that ends in no piece of a mask or a
+        secret; what was cut off for being one is shown as one whole mask, room allowing."""
+        show = room >= len(REDACTED)
+        cut = min(room, len(text))
+        masked = False
         while True:
-            kept = text[: _outside_masks(text, budget)]
-            start = self._secret_start(kept)
-            if start is None:
-                return kept + REDACTED if dropped else kept
-            if start + len(REDACTED) <= room:
-                return kept[:start] + REDACTED
-            if room < len(REDACTED):
-                return ""
-            budget = min(start, room - len(REDACTED))
-            dropped = True
+            cut = min(cut, room - len(REDACTED) if masked and show else room)
+            safe = _outside_masks(text, cut)
+            if safe == cut:
+                start = self._secret_start(text[:cut])
+                if start is None:
+                    return text[:cut] + (REDACTED if masked and show else "")
+                safe = start
+            cut = safe
+            masked = True
 
     def _secret_start(self, text: str) -> int | None:
         """Where the longest end of `text` that opens a secret's spelling begins, if any."""
