@@ -115,6 +115,8 @@ _NAMED_ESCAPES = {
     "\0": ("\\0",),
     "\x1b": ("\\e",),
 }
+# Every spelling but a handful (`+` for a space, `'"'"'` for a quote) holds one of these.
+_ESCAPING = frozenset("%\\&")
 _HTML_NAMED = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"}
 # `bash -x` and `shlex.quote` close the single-quoted word, write the quote, reopen it.
 _SHELL_QUOTES = ("'\\''", "'\"'\"'")
@@ -197,6 +199,7 @@ class _Spelled:
     """One secret as the redactor searches for it."""
 
     pattern: str  # every character in any of its spellings, in any case
+    plain: str  # the spellings without an escape character (`%`, `\\`, `&`)
     steps: tuple[tuple[str, ...], ...]  # the spellings of each character, folded
     hex: str  # the UTF-8 bytes in hex (compared folded)
     base64: tuple[str, ...]  # compared as they are
@@ -206,9 +209,13 @@ class _Spelled:
     def of(cls, value: str) -> _Spelled:
         per_char = [spellings(c) for c in value]
         pattern = "".join(f"(?:{'|'.join(map(re.escape, forms))})" for forms in per_char)
+        plain = "".join(
+            _alternation([f for f in forms if not _ESCAPING.intersection(f)]) for forms in per_char
+        )
         raw = _utf8_text(value)
         return cls(
             pattern=pattern,
+            plain=plain,
             steps=tuple(tuple(_fold(f) for f in forms) for forms in per_char),
             hex=raw.hex(),
             base64=tuple(sorted(set(_b64_fragments(raw)), key=len, reverse=True)),
@@ -242,6 +249,13 @@ class _Spelled:
                     if index + 1 < len(self.steps):
                         pending.append((position + len(form), index + 1))
         return False
+
+
+def _alternation(forms: list[str]) -> str:
+    """A regex matching any of `forms`; a bare literal for one (sre then scans faster)."""
+    if len(forms) == 1:
+        return re.escape(forms[0])
+    return f"(?:{'|'.join(map(re.escape, forms))})"
 
 
 def _utf8_text(value: str) -> bytes:
@@ -322,6 +336,7 @@ class Redactor:
         self._lock = threading.Lock()
         self._values: dict[str, _Spelled] = {}
         self._pattern: re.Pattern[str] | None = None
+        self._plain: re.Pattern[str] | None = None
         self._reach = 0
         self.add(*values)
 
@@ -335,13 +350,18 @@ class Redactor:
                 return
             # Longest first: where two secrets overlap, the longer one is masked whole.
             ordered = sorted(self._values.items(), key=lambda item: len(item[0]), reverse=True)
-            spelled = [s.pattern for _, s in ordered]
             literals = sorted({f for _, s in ordered for f in s.base64}, key=len, reverse=True)
             hexes = sorted({s.hex for _, s in ordered}, key=len, reverse=True)
-            alternatives = [*spelled, *map(re.escape, hexes)]
+            tail = [*map(re.escape, hexes)]
             if literals:
-                alternatives.append(f"(?-i:{'|'.join(map(re.escape, literals))})")
-            self._pattern = re.compile(f"(?P<mask>{_MASK})|{'|'.join(alternatives)}", re.IGNORECASE)
+                tail.append(f"(?-i:{'|'.join(map(re.escape, literals))})")
+
+            def compiled(spelled: list[str]) -> re.Pattern[str]:
+                return re.compile(f"(?P<mask>{_MASK})|{'|'.join([*spelled, *tail])}", re.I)
+
+            self._pattern = compiled([s.pattern for _, s in ordered])
+            # Most text holds no escape character at all: a far simpler pattern does.
+            self._plain = compiled([s.plain for _, s in ordered])
             self._reach = max(s.reach for s in self._values.values())
 
     @property
@@ -357,6 +377,8 @@ class Redactor:
         pattern = self._pattern
         if pattern is None or not text:
             return text
+        if "%" not in text and "\\" not in text and "&" not in text:
+            pattern = self._plain or pattern
         return pattern.sub(_replacement, text)
 
     def is_secret(self, text: str) -> bool:
