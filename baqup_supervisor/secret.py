@@ -342,14 +342,16 @@ class Redactor:
 
     def add(self, *values: str | Secret | None) -> None:
         with self._lock:
+            # copied, then swapped in whole: a reader in another thread never sees it change
+            known = dict(self._values)
             for value in values:
                 text = value.reveal() if isinstance(value, Secret) else value
-                if text and len(text) >= MIN_REDACT_LENGTH and text not in self._values:
-                    self._values[text] = _Spelled.of(text)
-            if not self._values:
+                if text and len(text) >= MIN_REDACT_LENGTH and text not in known:
+                    known[text] = _Spelled.of(text)
+            if not known:
                 return
             # Longest first: where two secrets overlap, the longer one is masked whole.
-            ordered = sorted(self._values.items(), key=lambda item: len(item[0]), reverse=True)
+            ordered = sorted(known.items(), key=lambda item: len(item[0]), reverse=True)
             literals = sorted({f for _, s in ordered for f in s.base64}, key=len, reverse=True)
             hexes = sorted({s.hex for _, s in ordered}, key=len, reverse=True)
             tail = [*map(re.escape, hexes)]
@@ -362,7 +364,8 @@ class Redactor:
             self._pattern = compiled([s.pattern for _, s in ordered])
             # Most text holds no escape character at all: a far simpler pattern does.
             self._plain = compiled([s.plain for _, s in ordered])
-            self._reach = max(s.reach for s in self._values.values())
+            self._reach = max(s.reach for s in known.values())
+            self._values = known
 
     @property
     def active(self) -> bool:
@@ -452,7 +455,8 @@ class Redactor:
 
     def _secret_start(self, text: str) -> int | None:
         """Where the longest end of `text` that opens a secret's spelling begins, if any."""
-        if not self._values:
+        known = self._values
+        if not known:
             return None
         least = MAX_KEPT_PREFIX + 1
         # A character cut in two upstream decodes to U+FFFD: it belongs to the fragment.
@@ -462,7 +466,7 @@ class Redactor:
             return None
         folded = _fold(core)
         earliest: int | None = None
-        for spelled in self._values.values():
+        for spelled in known.values():
             window = max(0, end - spelled.reach)
             if earliest is not None:
                 window = min(window, earliest)
