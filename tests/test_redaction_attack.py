@@ -649,3 +649,34 @@ def test_the_status_file_of_an_unreported_job_keeps_numbers_numbers(
     assert_no_secret_start(
         {"status": status_file.read_text(), "buffer": json.dumps(bodies)}, [SECRET, PLAIN]
     )
+
+
+@pytest.mark.parametrize("kept", [2, 9])
+def test_baqup_under_baqup_run_redacts_its_event_message_before_cutting_it(
+    job_env: dict[str, str], redis_server: RedisServer, jobs: list[Job], tmp_path: Path, kept: int
+) -> None:
+    # `baqup extract` refuses an absolute member and tells the supervisor with an event
+    # whose message (1000 characters at most) quotes the name: cut there, the supervisor
+    # could not mask what was left of the secret.
+    import tarfile
+
+    head = "absolute member name '"
+    name = "/" + "a" * (997 - len(head) - 1 - kept) + PLAIN + "/x"
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        member = tarfile.TarInfo(name)
+        member.size = 0
+        tar.addfile(member, io.BytesIO(b""))
+    env = limits_env(job_env, redis_server.url)
+    baqup = str(Path(sys.executable).parent / "baqup")
+    job = start_job(["--", baqup, "extract", str(archive), str(tmp_path / "dest")], env)
+    jobs.append(job)
+    assert job.wait(60) == 65, job.stderr()[-3000:]
+    with redis_server.client() as client:
+        events = read_stream(client, f"{prefix(env)}events:{env['BAQUP_JOB_ID']}")
+    [violation] = [e for e in events if e["code"] == "SECURITY_VIOLATION"]
+    assert violation["message"].startswith(head)
+    assert REDACTED in violation["message"]
+    assert_no_secret_start(
+        {"event": violation["message"], "stderr": job.stderr(), "stdout": job.stdout()}, [PLAIN]
+    )
