@@ -112,7 +112,15 @@ def dumps(value: Any) -> bytes:
 
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
 _LOGFMT_KEY_UNSAFE = re.compile(r"[^\w.\-/:@]")
-_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\x85": "\\x85", "\u2028": "\\u2028"})
+# Every character a reader may split lines on (str.splitlines), written as its JSON
+# escape: inside a JSON string (the only place JSON lets one be) that is the same value.
+_LINE_BREAKS = str.maketrans(
+    {
+        "\n": "\\n",
+        "\r": "\\r",
+        **{c: f"\\u{ord(c):04x}" for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"},
+    }
+)
 _RESERVED = ("timestamp", "level", "job_id", "agent_id", "component", "message")
 
 
@@ -142,14 +150,17 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
 
 
 def render(record: Mapping[str, Any], fmt: str) -> str:
-    """One record as one line (without the newline)."""
+    """One record as one line (without the newline), whatever its strings hold."""
+    return _render(record, fmt).translate(_LINE_BREAKS)
+
+
+def _render(record: Mapping[str, Any], fmt: str) -> str:
     if fmt == "text":
         context = record.get("context") or {}
         tail = "".join(f" {k}={_logfmt_value(v)}" for k, v in _items(context))
         return (
             f"{record['timestamp']} {str(record['level']).upper():5} "
-            f"[{record.get('component', '-')}] {str(record['message']).translate(_LINE_BREAKS)}"
-            f"{tail}"
+            f"[{record.get('component', '-')}] {record['message']}{tail}"
         )
     if fmt == "logfmt":
         pairs = [(k, record[k]) for k in _RESERVED if record.get(k) is not None]

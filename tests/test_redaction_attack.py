@@ -372,7 +372,7 @@ def test_every_log_line_in_every_format_stays_parseable(fmt: str, sanitize: str)
     stream = io.StringIO()
     log = Logger(fmt=fmt, sanitize=sanitize, redactor=Redactor([NUMERIC, SECRET]), stream=stream)
     log.info(f"rows 142420 of {SECRET}", rows=142420, n=4242, **{"4242": 1, 'odd key="x"': 2})
-    log.warn("two\nlines\r\nin one", path=f"/home/u/{SECRET}/x.sql", secret=SECRET)
+    log.warn("two\nlines\r\nin\u2028one\x85", path=f"/home/u/{SECRET}/x.sql", k="\u2029")
     log.error(SECRET, nested={"deep": [4242, 142420, SECRET]}, ratio=42.42)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3
@@ -503,6 +503,7 @@ ctl.write(straddle(200, 4, plain, "n") + "\n")
 ctl.write(json.dumps({"type": straddle(40, 6, plain, "t")}) + "\n")
 # a numeric secret inside numbers, in the child's log and its own structured log
 print("rows=142420 of 4242", flush=True)
+print("a line with\u2028separators\x85that splitlines\x1csplits on", flush=True)
 send(type="log", level="info", message="counted", context={"rows": 142420, "n": 4242})
 send(type="metadata", source_metadata={"rows": 142420, "n": 4242, "4242": "k"})
 with open(os.path.join(os.environ["BAQUP_WORK_DIR"], "dump.sql"), "w") as out:
