@@ -33,10 +33,11 @@ import orjson
 
 from . import jsonutil
 from .errors import ConfigError
-from .secret import Secret
+from .secret import Redactor, Secret, mask_url, url_passwords
 
 DAY = 24 * 3600
 KINDS = ("heartbeat", "progress", "event", "status", "notify")
+MAX_DESCRIPTION = 300  # characters of a bus URL in a log record or an error
 
 
 class BusUnavailable(Exception):
@@ -156,16 +157,12 @@ class Transport(Protocol):
 
 
 def describe_url(url: str) -> str:
-    """The URL with any password masked, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(unparsable URL)"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return parts._replace(netloc=f"{user}:[REDACTED]@{host}").geturl()
+    """The URL with every password masked (userinfo, `?password=`, `?sentinel_password=`).
+
+    Read as written, so an unparsable URL is described as safely as a good one; a
+    long URL is cut only after its passwords are masked, never inside a mask.
+    """
+    return Redactor(url_passwords(url)).clip(mask_url(url), MAX_DESCRIPTION)
 
 
 class RedisTransport:
@@ -325,8 +322,9 @@ def _error_code(exc: Exception) -> str:
 
 
 def _safe(exc: BaseException) -> str:
-    """An exception's text without anything that looks like a URL's credentials."""
-    return describe_url(str(exc)) if "://" in str(exc) else str(exc)[:300]
+    """An exception's text, URL passwords masked first, then cut to 300 characters."""
+    text = str(exc)
+    return Redactor(url_passwords(text)).clip(mask_url(text), 300)
 
 
 class FileTransport:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError, ValidationError
 
-from .coerce import CoercionError, coerce, shown
+from .coerce import CoercionError, coerce
 from .contract import ROLES
 from .errors import ConfigError
 from .secret import SECRET_PREFIX, Redactor, Secret
@@ -367,11 +367,23 @@ def _variable_of(error: ValidationError) -> list[str]:
     return ["(environment)"]
 
 
-def _message(error: ValidationError, variable: str, value: Any, secret: bool) -> str:
+MAX_SHOWN = 80  # characters of a value quoted in a problem
+
+
+def _shown(text: str, secret: bool, redactor: Redactor) -> str:
+    """How a value is quoted in a problem: redacted, then cut; a secret not at all."""
+    if secret:
+        return "a value (hidden: secret)"
+    return repr(redactor.clip(text, MAX_SHOWN))
+
+
+def _message(
+    error: ValidationError, variable: str, value: Any, secret: bool, redactor: Redactor
+) -> str:
     """An error message that names what was expected and never shows a secret."""
     keyword = str(error.validator)
     expected: Any = error.validator_value
-    text = shown(value if isinstance(value, str) else json.dumps(value), secret)
+    text = _shown(value if isinstance(value, str) else json.dumps(value), secret, redactor)
     if keyword == "required":
         return "is required but not set"
     if keyword == "dependentRequired":
@@ -489,7 +501,7 @@ def load_config(
         try:
             instance[name] = coerce(text, decl)
         except CoercionError as exc:
-            message = f"expected {exc.message}; got {shown(text, secret)}"
+            message = f"expected {exc.message}; got {_shown(text, secret, redactor)}"
             problems.append(Problem(name, redactor.redact(message), exc.keyword))
             instance[name] = text
             unparsable.add(name)
@@ -505,7 +517,7 @@ def load_config(
                 continue
             seen.add(key)
             secret = variable.startswith(SECRET_PREFIX)
-            message = _message(error, variable, instance.get(variable), secret)
+            message = _message(error, variable, instance.get(variable), secret, redactor)
             problems.append(Problem(variable, redactor.redact(message), str(error.validator)))
 
     values: dict[str, Any] = {}

@@ -226,7 +226,7 @@ class Supervisor:
                     self.abort(exc)
                 return
             self.protocol_errors += 1
-            session.event("PROTOCOL_ERROR", "warn", f"{parsed.reason}: {parsed.excerpt}")
+            session.event("PROTOCOL_ERROR", "warn", parsed.describe(session.redactor))
             return
         if self.adapter is not None and stream == self.adapter_stream:
             fields = self.adapter(line)
@@ -234,7 +234,8 @@ class Supervisor:
                 self.session.progress(fields)
                 return
         text = line.decode("utf-8", "replace")
-        if truncated:
+        if truncated:  # cut upstream: a trailing start of a secret is masked too
+            text = session.redactor.clip(text, len(text), truncated=True)
             self.child_log.info(text, stream=stream, truncated=True)
         else:
             self.child_log.info(text, stream=stream)

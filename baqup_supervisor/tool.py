@@ -353,12 +353,16 @@ def _event_on_failure(path: str) -> Iterator[None]:
 def _emit_event_if_supervised(code: str, message: str, path: str) -> None:
     """Under baqup-run, tell the supervisor too (best effort, never fails the command)."""
     if "BAQUP_CONTROL_FD" in os.environ:
+        from .secret import Redactor
+
         _supervised_emit(
             {
                 "type": "event",
                 "code": code,
                 "severity": "error",
-                "message": message[:1000],
+                # redacted before the cut: the supervisor cannot mask a secret's start it
+                # receives already cut
+                "message": Redactor.from_environ(os.environ).clip(message, 1000),
                 "path": path,
             }
         )
