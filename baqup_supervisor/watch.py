@@ -28,6 +28,7 @@ import orjson
 
 from . import jsonutil
 from .bus import FileTransport, Keys, RedisTransport, open_transport, read_lines
+from .errors import ResourceUnavailable
 from .secret import Secret
 
 # ESC or a C1 introducer, and the whole sequence it starts: CSI (ESC [ / \x9b) up to
@@ -227,7 +228,7 @@ def watch(
         out.write(jsonutil.dumps({"kind": kind, "message": message}).decode() + "\n")
         out.flush()
 
-    unreadable = False
+    unreadable = failing = False
     while True:
         try:
             progress = source.progress()
@@ -242,8 +243,10 @@ def watch(
                 sys.stderr.write(
                     f"baqup watch: cannot read the bus ({type(exc).__name__}); retrying\n"
                 )
-            unreadable = True
+            unreadable = failing = True
             progress, events, status, heartbeat = None, [], None, None
+        else:
+            failing = False
         if tty:
             for event in events:
                 out.write(f"\r\033[K{event_line(event)}\n")
@@ -273,6 +276,10 @@ def watch(
         if deadline is not None and clock() >= deadline:
             if tty:
                 out.write("\n")
-            sys.stderr.write("baqup watch: no status before the timeout\n")
-            return 69
+            if failing:
+                raise ResourceUnavailable(
+                    "no status before the timeout: the bus could not be read",
+                    code="BUS_UNREACHABLE",
+                )
+            raise ResourceUnavailable("no status before the timeout", code="WATCH_TIMEOUT")
         time.sleep(interval)
