@@ -23,7 +23,8 @@ from .compression import Choice, compressor, worker_threads
 from .dirfd import create_exclusive, open_parent
 from .encryption import FORMAT, StreamEncryptor
 from .errors import SecurityViolation
-from .staging import Artifact, artifact_name, io_error, safe_relative
+from .names import artifact_name, safe_relative
+from .staging import Artifact, io_error
 
 
 @dataclass

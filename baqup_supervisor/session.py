@@ -23,21 +23,13 @@ from .errors import BaqupError, DataError, OutputError, SecurityViolation
 from .heartbeat import Heartbeat
 from .lifecycle import Lifecycle
 from .logs import Logger
+from .names import artifact_name, compression_of, safe_relative
 from .outbox import FallbackBuffer, Outbox, ReconnectPolicy
 from .reporter import Reporter
 from .resources import Limit, ResourceLimitExceeded
 from .secret import Redactor
 from .settings import Settings
-from .staging import (
-    AlreadyCommitted,
-    Artifact,
-    Committed,
-    JobDirBusy,
-    Staging,
-    artifact_name,
-    compression_of,
-    safe_relative,
-)
+from .staging import AlreadyCommitted, Artifact, Committed, JobDirBusy, Staging
 from .tracing import make_tracer
 
 SNAPSHOT_LIKE = tuple(r for r in ROLES if r != "restore")
@@ -258,7 +250,10 @@ class Session:
             self.declare_artifact(fields["filename"], fields.get("compression"))
         elif kind == "component":
             keep = ("name", "status", "artifact", "error")
-            self.components.append({k: fields[k] for k in keep if fields.get(k) is not None})
+            entry = {k: fields[k] for k in keep if fields.get(k) is not None}
+            # a component reported again is the same component: its last report counts
+            self.components = [c for c in self.components if c.get("name") != entry["name"]]
+            self.components.append(entry)
         elif kind == "metadata":
             self.source_metadata.update(fields["source_metadata"])
         elif kind == "log":
@@ -310,7 +305,15 @@ class Session:
         return [c for c in self.components if c.get("status") == "failed"]
 
     def artifacts_to_commit(self) -> list[Artifact]:
-        chosen = list(self.declared) if self.declared else list(self.staging.discover())
+        """The declared artifacts; with none declared, a snapshot-like job's every file in
+        the work dir (a restore's work dir holds no undeclared artifact), minus those of
+        failed components."""
+        if self.declared:
+            chosen = list(self.declared)
+        elif self.settings.role in SNAPSHOT_LIKE:
+            chosen = list(self.staging.discover())
+        else:
+            chosen = []
         for artifact in chosen:
             self.checked_name(artifact.name)
         excluded = {

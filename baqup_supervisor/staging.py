@@ -10,7 +10,8 @@ and hard links; checksumming; moving artifacts into the job dir with fsync; writ
 `.baqup-status.json`. A `manifest.json` is never visible in the job dir unless every
 artifact it names is there, whole, with that checksum.
 
-Every operation is relative to the directories baqup-run opened (dirfd.py): a work dir
+Which names a child may use is names.py's; every operation here is relative to the
+directories baqup-run opened (dirfd.py): a work dir
 or job dir the child swapped for a symlink, a planted symlink or hard link, is a
 SecurityViolation before anything is moved, deleted or written. Never deletes anything
 outside the work dir, nor anything at all unless asked to (`empty`).
@@ -54,23 +55,34 @@ from .errors import (
     SecurityViolation,
     StorageIOError,
 )
+from .names import (
+    ATTEMPTS,
+    JOB_DIR_LEFTOVERS,
+    MANIFEST,
+    STATUS_FILE,
+    WORK,
+    ReservedName,
+    check_encodable,
+    check_reserved,
+    compression_of,
+    safe_relative,
+)
 
-MANIFEST = "manifest.json"
-STATUS_FILE = ".baqup-status.json"
-WORK = ".staging"
-ATTEMPTS = ".attempts"
-JOB_DIR_LEFTOVERS = ".job-dir"  # inside an attempt: what it left at the job dir's top
-# Names with a meaning at the top of the job dir, where the work dir's top lands; and
-# the `.baqup-` prefix, kept for baqup-run's own files (temp files, the status).
-RESERVED = frozenset({MANIFEST, STATUS_FILE, WORK, ATTEMPTS})
-RESERVED_PREFIX = ".baqup-"
-COMPRESSION_BY_SUFFIX = {".zst": "zstd", ".zstd": "zstd", ".gz": "gzip", ".lz4": "lz4"}
-
-
-class ReservedName(DataError):
-    """A file at the top of the work dir has a name baqup-run keeps for itself (exit 65)."""
-
-    default_code = "RESERVED_NAME"
+__all__ = [  # with the names other modules have always read here
+    "MANIFEST",
+    "STATUS_FILE",
+    "AlreadyCommitted",
+    "Artifact",
+    "Committed",
+    "JobDirBusy",
+    "ReservedName",
+    "Staging",
+    "compression_of",
+    "io_error",
+    "manifest_schema",
+    "safe_relative",
+    "validate_manifest",
+]
 
 
 class JobDirBusy(OutputError):
@@ -103,60 +115,6 @@ def validate_manifest(document: Mapping[str, Any]) -> list[str]:
         f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
         for e in validator.iter_errors(dict(document))
     ]
-
-
-def safe_relative(name: str) -> PurePosixPath:
-    """A child-supplied artifact name as a clean relative path, or SecurityViolation."""
-    if not name or "\0" in name:
-        raise SecurityViolation(f"invalid artifact name {name!r}")
-    path = PurePosixPath(name)
-    if path.is_absolute():
-        raise SecurityViolation(
-            f"artifact name {name!r} is absolute; names are relative to the work dir"
-        )
-    if any(part == ".." for part in path.parts):
-        raise SecurityViolation(f"artifact name {name!r} contains '..'")
-    parts = [p for p in path.parts if p not in ("", ".")]
-    if not parts:
-        raise SecurityViolation(f"invalid artifact name {name!r}")
-    return PurePosixPath(*parts)
-
-
-def is_reserved(top: str) -> bool:
-    return top in RESERVED or top.startswith(RESERVED_PREFIX)
-
-
-def check_reserved(relative: PurePosixPath | str) -> None:
-    """ReservedName when the first component is one of baqup-run's own names; deeper in
-    the tree the same names are ordinary files."""
-    top = PurePosixPath(relative).parts[0]
-    if is_reserved(top):
-        raise ReservedName(
-            f"{top!r} at the top of the work dir is a name baqup-run reserves "
-            f"({', '.join(sorted(RESERVED))}, {RESERVED_PREFIX}*): the child may not write it; "
-            "put the file in a subdirectory or give it another name"
-        )
-
-
-def check_encodable(relative: str) -> None:
-    """A name the manifest can hold as it is: not undecodable bytes (surrogate escapes)."""
-    try:
-        relative.encode("utf-8")
-    except UnicodeEncodeError:
-        raw = os.fsencode(relative)
-        raise DataError(
-            f"artifact name {raw!r} is not valid UTF-8: the manifest could not name the file "
-            "it holds; rename it",
-            code="INVALID_ARTIFACT_NAME",
-        ) from None
-
-
-def artifact_name(name: str) -> str:
-    """A child-named artifact as a clean relative name the commit may take, or the error."""
-    relative = safe_relative(name)
-    check_reserved(relative)
-    check_encodable(str(relative))
-    return str(relative)
 
 
 def io_error(exc: OSError, doing: str) -> BaqupError:
@@ -309,16 +267,20 @@ class Staging:
     def verify(self) -> None:
         """The job dir's path and its `.staging` still name the dirs baqup-run created."""
         job_fd, _ = self._fds()
+        job: os.stat_result | None
+        work: os.stat_result | None
         try:
             job = os.lstat(self.job_dir)
+            work = lstat_at(WORK, job_fd)
         except FileNotFoundError:
-            job = None
+            job = work = None
+        except OSError as exc:
+            raise io_error(exc, f"checking the job dir {self.job_dir}") from None
         if job is None or identity(job) != self._ids["job"]:
             raise SecurityViolation(
                 f"the job dir {self.job_dir} was replaced (by a symlink or another dir) while "
                 "the job ran; nothing is moved, deleted or written through it"
             )
-        work = lstat_at(WORK, job_fd)
         if work is None or identity(work) != self._ids["work"]:
             raise SecurityViolation(
                 f"the work dir {self.work_dir} was replaced (by a symlink or another dir) while "
@@ -446,9 +408,11 @@ class Staging:
                     f"{name}; nothing is committed"
                 )
         if MANIFEST in self._held:
-            raise AlreadyCommitted(
+            # Not AlreadyCommitted: this run does hold the job dir, and reports its end.
+            raise OutputError(
                 f"{self.job_dir} holds the manifest of the snapshot being restored: a restore "
-                "never commits artifacts over it"
+                "never commits artifacts over it",
+                code="ALREADY_COMMITTED",
             )
 
     @staticmethod
@@ -628,7 +592,3 @@ class Staging:
         except OSError as exc:
             raise io_error(exc, f"writing {path}") from None
         return path
-
-
-def compression_of(name: str) -> str:
-    return COMPRESSION_BY_SUFFIX.get(PurePosixPath(name).suffix.lower(), "none")

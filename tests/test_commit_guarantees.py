@@ -649,3 +649,26 @@ def test_a_full_disk_while_capturing_is_exit_74(
     result = job(env, code, "--stdout-artifact", "big.bin")
     failed_with(result, redis_client, env, 74, "DISK_FULL")
     assert not (job_dir(env) / "manifest.json").exists()
+
+
+def test_a_restore_reads_a_committed_job_dir_and_commits_nothing_undeclared(
+    env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    assert job(env, WRITES_DUMP).returncode == 0
+    manifest = (job_dir(env) / "manifest.json").read_bytes()
+    code = "import os; open(os.path.join(os.environ['BAQUP_WORK_DIR'], 'scratch'), 'w').write('x')"
+    restored = job(env, code, "--role", "restore")
+    assert restored.returncode == 0, restored.stderr[-3000:]
+    assert (job_dir(env) / "manifest.json").read_bytes() == manifest
+    assert not (job_dir(env) / "scratch").exists()
+    status = status_of(redis_client, env)
+    assert (status["role"], status["status"], status["files"]) == ("restore", "success", [])
+
+
+def test_a_missing_staging_dir_is_exit_73_and_never_created(
+    env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    env["BAQUP_STAGING_DIR"] = str(tmp_path / "no" / "such" / "staging")
+    status = failed_with(job(env, WRITES_DUMP), redis_client, env, 73, "CANT_CREATE_OUTPUT")
+    assert "does not exist" in status["error"]["message"]
+    assert not (tmp_path / "no").exists()
