@@ -24,11 +24,11 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -174,14 +174,15 @@ class Committed:
 
 
 @dataclass
-class _Opened:
-    """An artifact held open for the commit: its own descriptor and its directory's."""
+class _Checked:
+    """An artifact the commit checked: where it is, and which file it was (device and
+    inode), so that each later step acts on that same file or refuses."""
 
     artifact: Artifact
     name: str
+    parts: tuple[str, ...]  # the directories from the work dir down
     leaf: str
-    parent_fd: int
-    fd: int
+    ident: Identity
     size: int
 
 
@@ -374,18 +375,20 @@ class Staging:
         found: list[str] = []
         try:
             self._check_top(work_fd)
-            stack = [("", os.dup(work_fd))]
-            while stack:
-                prefix, fd = stack.pop()
-                with closing_fd(fd):
+            # Pending directories are kept as names, not descriptors: a wide tree must not
+            # hold one descriptor per directory still to visit.
+            pending: list[tuple[str, ...]] = [()]
+            while pending:
+                parts = pending.pop()
+                prefix = "".join(f"{p}/" for p in parts)
+                with closing_fd(open_parent(work_fd, parts, what="a directory")) as fd:
                     for name in os.listdir(fd):
                         relative = prefix + name
                         st = lstat_at(name, fd)
                         if st is None:
                             continue
                         if stat.S_ISDIR(st.st_mode):
-                            sub = open_dir(name, fd, what=f"{relative!r} in the work dir")
-                            stack.append((relative + "/", sub))
+                            pending.append((*parts, name))
                             continue
                         self._check_file(relative, st)
                         check_encodable(relative)
@@ -427,30 +430,32 @@ class Staging:
                 "job; artifacts are files the job wrote"
             )
 
-    def _open_artifact(self, artifact: Artifact, work_fd: int) -> _Opened:
+    def _check_artifact(self, artifact: Artifact, work_fd: int) -> _Checked:
         relative = safe_relative(artifact.name)
         check_reserved(relative)
         name = str(relative)
-        parent_fd = open_parent(work_fd, relative.parts[:-1], what=f"artifact {name!r}")
-        leaf = relative.parts[-1]
-        try:
-            fd, size = self._open_leaf(name, leaf, parent_fd)
-        except BaseException:
-            os.close(parent_fd)
-            raise
-        return _Opened(artifact, name, leaf, parent_fd, fd, size)
+        parts, leaf = relative.parts[:-1], relative.parts[-1]
+        with closing_fd(open_parent(work_fd, parts, what=f"artifact {name!r}")) as parent:
+            st = lstat_at(leaf, parent)
+            if st is None:
+                raise EmptyArtifact(f"declared artifact {name!r} was not written")
+            self._check_file(name, st)
+        return _Checked(artifact, name, parts, leaf, identity(st), st.st_size)
 
-    def _open_leaf(self, name: str, leaf: str, parent_fd: int) -> tuple[int, int]:
-        st = lstat_at(leaf, parent_fd)
-        if st is None:
-            raise EmptyArtifact(f"declared artifact {name!r} was not written")
-        self._check_file(name, st)
-        fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-        opened = os.fstat(fd)
-        if identity(opened) != identity(st):
-            os.close(fd)
-            raise SecurityViolation(f"artifact {name!r} was replaced while being committed")
-        return fd, opened.st_size
+    @contextmanager
+    def _opened(self, item: _Checked, work_fd: int) -> Iterator[tuple[int, int]]:
+        """(directory, file) descriptors on the checked file, or SecurityViolation when
+        the name no longer leads to it. Held one artifact at a time: a job of thousands of
+        files never needs thousands of descriptors."""
+        with closing_fd(open_parent(work_fd, item.parts, what=f"artifact {item.name!r}")) as parent:
+            fd = os.open(item.leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            with closing_fd(fd):
+                st = os.fstat(fd)
+                if identity(st) != item.ident or st.st_nlink > 1:
+                    raise SecurityViolation(
+                        f"artifact {item.name!r} was replaced while being committed"
+                    )
+                yield parent, fd
 
     # --- COMPLETING ----------------------------------------------------------------
 
@@ -469,26 +474,27 @@ class Staging:
 
         Everything is checked before anything moves: the dirs are the ones baqup-run
         created, no reserved name was written, every artifact is a regular file with one
-        link, opened without following a symlink and hashed through that descriptor.
+        link, reached without following a symlink, hashed through its own descriptor, and
+        still the same file when it is moved.
         """
         if not artifacts:
             raise EmptyArtifact(
                 "the job produced no artifact: a job that writes nothing is never a backup"
             )
         job_fd, work_fd = self._fds()
-        opened: list[_Opened] = []
         try:
             self.verify()
             self._check_top(work_fd)
             self._check_job_top(job_fd)
-            for artifact in artifacts:
-                opened.append(self._open_artifact(artifact, work_fd))
-            self._check_sizes(opened, allow_empty)
-            total = sum(o.size for o in opened if o.artifact.checksum is None)
+            checked = [self._check_artifact(a, work_fd) for a in artifacts]
+            self._check_sizes(checked, allow_empty)
+            total = sum(c.size for c in checked if c.artifact.checksum is None)
             expected = estimate_seconds(algorithm, total)
             if on_long_checksum is not None and expected > 10:
                 on_long_checksum(expected, total)
-            committed = [self._checksummed(o, algorithm, threads, checkpoint) for o in opened]
+            committed = [
+                self._checksummed(c, work_fd, algorithm, threads, checkpoint) for c in checked
+            ]
             manifest = {
                 "version": "1.0",
                 **manifest_fields,
@@ -499,24 +505,19 @@ class Staging:
             if problems:
                 raise BaqupError(f"refusing to write an invalid manifest: {problems[0]}")
             document = jsonutil.dumps(manifest, indent=True)
-            for item in opened:
+            for item in checked:
                 if checkpoint:
                     checkpoint()
-                self._move(item, job_fd)
+                self._move(item, work_fd, job_fd)
             self._check_job_top(job_fd)
             replace_atomic(MANIFEST, document, job_fd, tmp_fd=work_fd)
         except OSError as exc:
             raise io_error(exc, "committing the artifacts") from None
-        finally:
-            for item in opened:
-                for fd in (item.fd, item.parent_fd):
-                    with suppress(OSError):
-                        os.close(fd)
         return committed
 
     @staticmethod
-    def _check_sizes(opened: Sequence[_Opened], allow_empty: bool) -> None:
-        for item in opened:
+    def _check_sizes(checked: Sequence[_Checked], allow_empty: bool) -> None:
+        for item in checked:
             if item.size == 0 and not allow_empty:
                 raise EmptyArtifact(
                     f"artifact {item.name!r} is empty (0 bytes): a failed dump "
@@ -531,7 +532,8 @@ class Staging:
 
     def _checksummed(
         self,
-        item: _Opened,
+        item: _Checked,
+        work_fd: int,
         algorithm: str,
         threads: int,
         checkpoint: Callable[[], None] | None,
@@ -539,10 +541,12 @@ class Staging:
         if checkpoint:
             checkpoint()
         artifact = item.artifact
-        # The descriptor's own /proc link: the file opened, whatever its name is now.
-        checksum = artifact.checksum or hash_file(
-            f"/proc/self/fd/{item.fd}", algorithm, threads=threads
-        )
+        with self._opened(item, work_fd) as (_, fd):
+            # The descriptor's own /proc link: the file opened, whatever its name is now.
+            checksum = artifact.checksum or hash_file(
+                f"/proc/self/fd/{fd}", algorithm, threads=threads
+            )
+            os.fsync(fd)
         return Committed(
             item.name,
             self.job_dir / item.name,
@@ -554,24 +558,22 @@ class Staging:
             artifact.extra,
         )
 
-    def _move(self, item: _Opened, job_fd: int) -> None:
+    def _move(self, item: _Checked, work_fd: int, job_fd: int) -> None:
         """One artifact from its work-dir directory to the same name in the job dir."""
-        os.fsync(item.fd)
-        parts = PurePosixPath(item.name).parts[:-1]
-        with closing_fd(
-            open_parent(job_fd, parts, what=f"the job dir's path for {item.name!r}", create=True)
-        ) as target:
+        with (
+            self._opened(item, work_fd) as (source, _),
+            closing_fd(
+                open_parent(
+                    job_fd, item.parts, what=f"the job dir's path for {item.name!r}", create=True
+                )
+            ) as target,
+        ):
             if lstat_at(item.leaf, target) is not None:
                 raise SecurityViolation(
                     f"{item.name!r} already exists in the job dir: something other than the "
                     "commit wrote it; nothing is replaced"
                 )
-            st = lstat_at(item.leaf, item.parent_fd)
-            if st is None or identity(st) != identity(os.fstat(item.fd)):
-                raise SecurityViolation(
-                    f"artifact {item.name!r} was replaced while being committed"
-                )
-            os.rename(item.leaf, item.leaf, src_dir_fd=item.parent_fd, dst_dir_fd=target)
+            os.rename(item.leaf, item.leaf, src_dir_fd=source, dst_dir_fd=target)
             os.fsync(target)
 
     def write_status_file(self, status: Mapping[str, Any]) -> Path:

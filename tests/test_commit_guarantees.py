@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -672,3 +674,30 @@ def test_a_missing_staging_dir_is_exit_73_and_never_created(
     status = failed_with(job(env, WRITES_DUMP), redis_client, env, 73, "CANT_CREATE_OUTPUT")
     assert "does not exist" in status["error"]["message"]
     assert not (tmp_path / "no").exists()
+
+
+WIDE_TREE = """
+import os
+work = os.environ["BAQUP_WORK_DIR"]
+for i in range(600):
+    os.makedirs(os.path.join(work, "d%03d" % i))
+    with open(os.path.join(work, "d%03d" % i, "f"), "w") as out:
+        out.write(str(i))
+"""
+
+
+def test_a_wide_tree_commits_under_a_low_descriptor_limit(
+    env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    """The walk holds descriptors per depth, never per directory still to visit."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "baqup_supervisor", "--", *python_child(WIDE_TREE)],
+        env=env, capture_output=True, text=True, timeout=90, check=False, preexec_fn=limit,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(manifest_of(env)["artifacts"]) == 600
+    assert (job_dir(env) / "d599" / "f").read_text() == "599"
