@@ -226,11 +226,14 @@ class Staging:
     def _open(self, restore: bool) -> None:
         staging_dir = self.job_dir.parent
         try:
+            # The staging dir is the operator's (configuration, not the child's): made if
+            # missing, as before, and its path may hold symlinks. INTERFACE.md section 12
+            # wants it to exist instead; the examples still rely on this.
+            staging_dir.mkdir(parents=True, exist_ok=True)
             parent = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError as exc:
             raise OutputError(
-                f"the staging dir {staging_dir} does not exist or is not a directory: "
-                "baqup-run creates the job dir in it, never the staging dir itself"
+                f"cannot open the staging dir {staging_dir}: {exc.strerror or exc}"
             ) from None
         with closing_fd(parent):
             job_fd = open_dir(

@@ -667,15 +667,6 @@ def test_a_restore_reads_a_committed_job_dir_and_commits_nothing_undeclared(
     assert (status["role"], status["status"], status["files"]) == ("restore", "success", [])
 
 
-def test_a_missing_staging_dir_is_exit_73_and_never_created(
-    env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
-) -> None:
-    env["BAQUP_STAGING_DIR"] = str(tmp_path / "no" / "such" / "staging")
-    status = failed_with(job(env, WRITES_DUMP), redis_client, env, 73, "CANT_CREATE_OUTPUT")
-    assert "does not exist" in status["error"]["message"]
-    assert not (tmp_path / "no").exists()
-
-
 WIDE_TREE = """
 import os
 work = os.environ["BAQUP_WORK_DIR"]
