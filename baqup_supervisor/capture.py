@@ -167,6 +167,7 @@ class ArtifactSink:
             index += 1
             try:
                 os.fsync(part.fd)
+                written = os.fstat(part.fd)
             except OSError as exc:
                 self.abort()
                 raise io_error(exc, f"writing {part.name}") from None
@@ -189,6 +190,7 @@ class ArtifactSink:
                     extra,
                     checksum=part.hasher.hexdigest(),
                     size=part.size,
+                    ident=(written.st_dev, written.st_ino),
                 )
             )
         self._close_dir()

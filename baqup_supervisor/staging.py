@@ -142,6 +142,7 @@ class Artifact:
     extra: Mapping[str, Any] = field(default_factory=dict)
     checksum: str | None = None  # known already when it was hashed while being written
     size: int | None = None
+    ident: Identity | None = None  # (device, inode) of the file baqup-run wrote, if it did
 
 
 @dataclass(frozen=True)
@@ -443,6 +444,11 @@ class Staging:
             if st is None:
                 raise EmptyArtifact(f"declared artifact {name!r} was not written")
             self._check_file(name, st)
+        if artifact.ident is not None and identity(st) != artifact.ident:
+            raise SecurityViolation(
+                f"artifact {name!r} is not the file baqup-run wrote: it was replaced after "
+                "it was written"
+            )
         return _Checked(artifact, name, parts, leaf, identity(st), st.st_size)
 
     @contextmanager

@@ -494,6 +494,48 @@ def test_a_hard_link_planted_as_a_split_part_is_never_written_through(
     assert not (job_dir(env) / "manifest.json").exists()
 
 
+REPLACES_CAPTURE = """
+import os, sys
+path = os.path.join(os.environ["BAQUP_WORK_DIR"], "out.bin")
+os.unlink(path)  # baqup-run made it before the child started; swap in a forgery
+with open(path, "wb") as out:
+    out.write(b"F" * 4096)
+sys.stdout.buffer.write(b"x" * 4096)
+"""
+
+
+def test_a_captured_artifact_replaced_by_the_child_is_refused(
+    env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    env["BAQUP_ARTIFACT_COMPRESS"] = "false"
+    result = job(env, REPLACES_CAPTURE, "--stdout-artifact", "out.bin")
+    status = failed_with(result, redis_client, env, 65, "SECURITY_VIOLATION")
+    assert "replaced after it was written" in status["error"]["message"]
+    assert not (job_dir(env) / "manifest.json").exists()
+    assert not (job_dir(env) / "out.bin").exists()
+
+
+PLANTS_AND_FAILS = """
+import os, sys
+work = os.environ["BAQUP_WORK_DIR"]
+os.makedirs(os.path.join(work, "sub"))
+os.symlink(os.environ["VICTIM_DIR"], os.path.join(work, "to-dir"))
+os.symlink(os.path.join(os.environ["VICTIM_DIR"], "data.bin"), os.path.join(work, "sub", "to-file"))
+with open(os.path.join(work, "sub", "partial.bin"), "w") as out:
+    out.write("half")
+sys.exit(1)
+"""
+
+
+def test_retain_on_failure_false_removes_planted_links_not_their_targets(
+    env: dict[str, str], redis_client: redis.Redis, victim: Path
+) -> None:
+    env["BAQUP_ARTIFACT_RETAIN_ON_FAILURE"] = "false"
+    failed_with(job(env, PLANTS_AND_FAILS), redis_client, env, 1, "CHILD_FAILED")
+    assert_victim_untouched(victim)
+    assert list((job_dir(env) / ".staging").iterdir()) == []
+
+
 # --- item 15: a secret in a file name --------------------------------------------------------
 
 SECRET = "tok-Zq81-very-secret"
