@@ -18,7 +18,7 @@ MANIFEST = "manifest.json"
 STATUS_FILE = ".baqup-status.json"
 WORK = ".staging"
 ATTEMPTS = ".attempts"
-JOB_DIR_LEFTOVERS = ".job-dir"  # inside an attempt: what it left at the job dir's top
+JOB_DIR_LEFTOVERS = ".job-dir"  # `.attempts/{n}.job-dir/`: what it left at the job dir's top
 # Names with a meaning at the top of the job dir, where the work dir's top lands; and
 # the `.baqup-` prefix, kept for baqup-run's own files (temp files, the status).
 RESERVED = frozenset({MANIFEST, STATUS_FILE, WORK, ATTEMPTS})

@@ -294,7 +294,7 @@ class Staging:
 
     def set_aside(self, *, include_job_dir: bool = False) -> str | None:
         """Move what an earlier attempt left in the work dir to `.attempts/{n}/` (and, with
-        `include_job_dir`, what it left at the job dir's top to `.attempts/{n}/.job-dir/`),
+        `include_job_dir`, what it left at the job dir's top to `.attempts/{n}.job-dir/`),
         kept for the controller, never deleted. The attempt dir's name, or None.
 
         Renames move the entries themselves: a symlink among them is moved, never followed.
@@ -314,17 +314,15 @@ class Staging:
                 open_dir(ATTEMPTS, job_fd, what="the job's .attempts", create=True)
             ) as attempts:
                 number = self._new_attempt(attempts)
-                with closing_fd(open_dir(number, attempts, what="an attempt dir")) as target:
-                    for name in in_work:
-                        os.rename(name, name, src_dir_fd=work_fd, dst_dir_fd=target)
-                    if at_top:
-                        with closing_fd(
-                            open_dir(JOB_DIR_LEFTOVERS, target, what="an attempt dir", create=True)
-                        ) as top:
-                            for name in at_top:
-                                os.rename(name, name, src_dir_fd=job_fd, dst_dir_fd=top)
-                            os.fsync(top)
-                    os.fsync(target)
+                moves = [(number, work_fd, in_work), (number + JOB_DIR_LEFTOVERS, job_fd, at_top)]
+                for into, source, names in moves:
+                    if not names:
+                        continue
+                    where = f"the attempt dir {ATTEMPTS}/{into}"
+                    with closing_fd(open_dir(into, attempts, what=where, create=True)) as target:
+                        for name in names:
+                            os.rename(name, name, src_dir_fd=source, dst_dir_fd=target)
+                        os.fsync(target)
                 os.fsync(attempts)
             os.fsync(work_fd)
             os.fsync(job_fd)

@@ -201,6 +201,26 @@ def test_a_rerun_sets_the_failed_attempts_leftovers_aside(
     assert baqup_verify(job_dir(env)) == 0
 
 
+def test_a_rerun_sets_aside_the_status_file_an_unreported_attempt_left(
+    env: dict[str, str], redis_client: redis.Redis
+) -> None:
+    down = {
+        **env,
+        "BAQUP_BUS_URL": "redis://127.0.0.1:1/0",
+        "BAQUP_BUS_GRACE_PERIOD": "0",
+        "BAQUP_BUS_RECONNECT_MAX_ATTEMPTS": "1",
+        "EXIT": "1",
+    }
+    assert job(down, WRITES_DUMP).returncode == 75
+    stale = (job_dir(env) / ".baqup-status.json").read_bytes()
+    rerun = job(env, WRITES_DUMP)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not (job_dir(env) / ".baqup-status.json").exists()
+    assert (job_dir(env) / ".attempts" / "1.job-dir" / ".baqup-status.json").read_bytes() == stale
+    assert (job_dir(env) / ".attempts" / "1" / "dump.sql").read_bytes() == b"a whole dump"
+    assert status_of(redis_client, env)["status"] == "success"
+
+
 # --- items 6 and 11: reserved names -------------------------------------------------------------
 
 DECLARES = """
