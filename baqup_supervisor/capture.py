@@ -13,6 +13,7 @@ hard link, is an error, never a file written through.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import suppress
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import PurePosixPath
 
 from .checksum import Hasher, new_hasher
 from .compression import Choice, compressor, worker_threads
-from .dirfd import create_exclusive, open_parent
+from .dirfd import create_exclusive, lstat_at, open_parent
 from .encryption import FORMAT, StreamEncryptor
 from .errors import SecurityViolation
 from .names import artifact_name, safe_relative
@@ -101,13 +102,20 @@ class ArtifactSink:
         first = self._part_name(1)
         leaf = self._leaf(first)
         try:
-            os.link(part.leaf, leaf, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            try:
+                os.link(part.leaf, leaf, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                # no hard links on this filesystem: check, then rename (a name planted in
+                # between is replaced, never written through; the commit checks the inode)
+                if lstat_at(leaf, self._dir_fd) is not None:
+                    raise FileExistsError(errno.EEXIST, "exists") from None
+                os.rename(part.leaf, leaf, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            else:
+                os.unlink(part.leaf, dir_fd=self._dir_fd)
         except FileExistsError:
             raise self._taken(first) from None
-        except OSError as exc:
-            raise io_error(exc, f"renaming {part.name} to {first}") from None
-        try:
-            os.unlink(part.leaf, dir_fd=self._dir_fd)
         except OSError as exc:
             raise io_error(exc, f"renaming {part.name} to {first}") from None
         part.name, part.leaf = first, leaf
