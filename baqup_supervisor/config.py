@@ -234,6 +234,16 @@ def load_agent_schema(path: Path) -> dict[str, Any]:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
         raise fail(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    return check_agent_schema(schema, str(path))
+
+
+def check_agent_schema(schema: Any, source: str) -> dict[str, Any]:
+    """Check a parsed agent schema (from a file or an image label); ConfigError naming `source`."""
+
+    def fail(message: str, keyword: str = "schema") -> ConfigError:
+        problem = Problem(SCHEMA_VARIABLE, f"{source}: {message}", keyword)
+        return ConfigError(str(problem), [problem])
+
     if not isinstance(schema, dict):
         raise fail("not a JSON Schema: the document must be an object")
     try:
@@ -439,18 +449,24 @@ def _unknown_warnings(environ: Mapping[str, str], known: Iterable[str]) -> list[
     return warnings
 
 
-def load_config(environ: Mapping[str, str] | None = None, schema_path: str | None = None) -> Config:
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    schema_path: str | None = None,
+    *,
+    agent_schema: Mapping[str, Any] | None = None,
+) -> Config:
     """Build the configuration; problems are collected, never raised (see `raise_for_problems`).
 
     A schema file that is missing (when asked for), unreadable or invalid is itself a
     problem: it is reported, and the contract's own variables are still checked so
-    the operator sees everything at once.
+    the operator sees everything at once. `agent_schema`, an already checked schema
+    (`check_agent_schema`, e.g. read from an image label), replaces the file lookup.
     """
     env = dict(os.environ if environ is None else environ)
     redactor = Redactor.from_environ(env)
     problems: list[Problem] = []
-    agent_schema: dict[str, Any] | None = None
-    path, explicit = find_schema_path(schema_path, env)
+    given = agent_schema is not None
+    path, explicit = (None, False) if given else find_schema_path(schema_path, env)
     if path is not None:
         try:
             agent_schema = load_agent_schema(path)
@@ -518,6 +534,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Problem",
+    "check_agent_schema",
     "contract_schema",
     "find_schema_path",
     "load_agent_schema",
