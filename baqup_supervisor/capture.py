@@ -5,24 +5,33 @@ encrypts them (encryption.py), splits them into parts no larger than the split s
 and hashes and writes each part, counting raw and stored bytes for progress and the
 compression ratio. Nothing is ever read back. The parts become declared artifacts
 with their checksums already known, so the commit does not hash them again.
+
+Every part (the first too) is created fresh (`O_CREAT | O_EXCL | O_NOFOLLOW`) through a
+descriptor on the work dir baqup-run opened: a name already there, a planted symlink or
+hard link, is an error, never a file written through.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 
 from .checksum import Hasher, new_hasher
 from .compression import Choice, compressor, worker_threads
+from .dirfd import create_exclusive, lstat_at, open_parent
 from .encryption import FORMAT, StreamEncryptor
 from .errors import SecurityViolation
-from .staging import Artifact, io_error, safe_relative
+from .names import artifact_name, safe_relative
+from .staging import Artifact, io_error
 
 
 @dataclass
 class _Part:
-    name: str
+    name: str  # relative to the work dir
+    leaf: str  # in the sink's directory
     fd: int
     hasher: Hasher
     size: int = 0
@@ -31,7 +40,7 @@ class _Part:
 class ArtifactSink:
     def __init__(
         self,
-        work_dir: Path,
+        work_dir_fd: int,
         name: str,
         *,
         compression: Choice,
@@ -42,10 +51,15 @@ class ArtifactSink:
         key_id: str | None = None,
     ) -> None:
         relative = str(safe_relative(name))
-        self.base = relative + compression.suffix + (".enc" if encryptor else "")
-        if "/" in self.base:
-            (work_dir / self.base).parent.mkdir(parents=True, exist_ok=True)
-        self.work_dir = work_dir
+        self.base = artifact_name(relative + compression.suffix + (".enc" if encryptor else ""))
+        parents = PurePosixPath(self.base).parts[:-1]
+        try:
+            self._dir_fd = open_parent(
+                work_dir_fd, parents, what=f"artifact {self.base!r}", create=True
+            )
+        except OSError as exc:
+            raise io_error(exc, f"creating the directory of {self.base}") from None
+        self._prefix = self.base[: len(self.base) - len(PurePosixPath(self.base).name)]
         self.compression = compression
         self.algorithm = checksum_algorithm
         self.split_size = split_size
@@ -57,18 +71,54 @@ class ArtifactSink:
         self.raw_bytes = 0
         self.stored_bytes = 0
         self._parts: list[_Part] = []
-        self._closed: list[_Part] = []
-        self._open_part(self.base)
+        try:
+            self._open_part(self.base)
+        except BaseException:
+            self._close_dir()
+            raise
+
+    def _leaf(self, name: str) -> str:
+        return name[len(self._prefix) :]
+
+    def _taken(self, name: str) -> SecurityViolation:
+        return SecurityViolation(
+            f"{name!r} already exists in the work dir: a captured part is always a new file, "
+            "never written through an existing one (a planted file, symlink or hard link)"
+        )
 
     def _open_part(self, name: str) -> None:
-        path = self.work_dir / name
-        if os.path.islink(path):
-            raise SecurityViolation(f"artifact {name!r} is a symlink")
+        leaf = self._leaf(name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            fd = create_exclusive(leaf, self._dir_fd, 0o640)
+        except FileExistsError:
+            raise self._taken(name) from None
         except OSError as exc:
             raise io_error(exc, f"creating {name}") from None
-        self._parts.append(_Part(name, fd, new_hasher(self.algorithm)))
+        self._parts.append(_Part(name, leaf, fd, new_hasher(self.algorithm)))
+
+    def _first_becomes_part_one(self, part: _Part) -> None:
+        """The unsplit name becomes `.001` once a second part is needed: linked to the
+        new name (which fails if anything is there), then the old name removed."""
+        first = self._part_name(1)
+        leaf = self._leaf(first)
+        try:
+            try:
+                os.link(part.leaf, leaf, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                # no hard links on this filesystem: check, then rename (a name planted in
+                # between is replaced, never written through; the commit checks the inode)
+                if lstat_at(leaf, self._dir_fd) is not None:
+                    raise FileExistsError(errno.EEXIST, "exists") from None
+                os.rename(part.leaf, leaf, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            else:
+                os.unlink(part.leaf, dir_fd=self._dir_fd)
+        except FileExistsError:
+            raise self._taken(first) from None
+        except OSError as exc:
+            raise io_error(exc, f"renaming {part.name} to {first}") from None
+        part.name, part.leaf = first, leaf
 
     def _part_name(self, index: int) -> str:
         return f"{self.base}.{index:03d}"
@@ -79,8 +129,7 @@ class ArtifactSink:
             part = self._parts[-1]
             if self.split_size and part.size >= self.split_size:
                 if len(self._parts) == 1 and part.name == self.base:
-                    os.rename(self.work_dir / part.name, self.work_dir / self._part_name(1))
-                    part.name = self._part_name(1)
+                    self._first_becomes_part_one(part)
                 self._open_part(self._part_name(len(self._parts) + 1))
                 continue
             room = self.split_size - part.size if self.split_size else len(view)
@@ -105,18 +154,30 @@ class ArtifactSink:
             self._emit(out)
 
     def close(self) -> list[Artifact]:
-        """Flush, fsync and close every part; the parts as artifacts, in order."""
-        tail = self._codec.flush()
-        if self.encryptor is not None:
-            tail = self.encryptor.update(tail) + self.encryptor.finalize()
-        if tail:
-            self._emit(tail)
+        """Flush, fsync and close every part; the parts as artifacts, in order.
+
+        On an error (a full disk) every part still open is closed before it is raised.
+        """
+        try:
+            tail = self._codec.flush()
+            if self.encryptor is not None:
+                tail = self.encryptor.update(tail) + self.encryptor.finalize()
+            if tail:
+                self._emit(tail)
+        except BaseException:
+            self.abort()
+            raise
         artifacts = []
         count = len(self._parts)
-        for index, part in enumerate(self._parts, start=1):
+        index = 0
+        while self._parts:
+            part = self._parts.pop(0)
+            index += 1
             try:
                 os.fsync(part.fd)
+                written = os.fstat(part.fd)
             except OSError as exc:
+                self.abort()
                 raise io_error(exc, f"writing {part.name}") from None
             finally:
                 os.close(part.fd)
@@ -137,19 +198,25 @@ class ArtifactSink:
                     extra,
                     checksum=part.hasher.hexdigest(),
                     size=part.size,
+                    ident=(written.st_dev, written.st_ino),
                 )
             )
-        self._parts.clear()
+        self._close_dir()
         return artifacts
 
     def abort(self) -> None:
         """Close the parts without finishing them (they stay in the work dir)."""
         for part in self._parts:
-            try:
+            with suppress(OSError):
                 os.close(part.fd)
-            except OSError:
-                pass
         self._parts.clear()
+        self._close_dir()
+
+    def _close_dir(self) -> None:
+        if self._dir_fd >= 0:
+            with suppress(OSError):
+                os.close(self._dir_fd)
+            self._dir_fd = -1
 
     @property
     def ratio(self) -> float | None:

@@ -19,19 +19,43 @@ from .bus import Keys, open_transport
 from .clock import utc_iso
 from .contract import ROLES, AgentState, ExitCode, LogLevel
 from .control import ControlMessage
-from .errors import BaqupError, OutputError
+from .errors import BaqupError, DataError, OutputError, SecurityViolation
 from .heartbeat import Heartbeat
 from .lifecycle import Lifecycle
 from .logs import Logger
+from .names import artifact_name, compression_of, safe_relative
 from .outbox import FallbackBuffer, Outbox, ReconnectPolicy
 from .reporter import Reporter
 from .resources import Limit, ResourceLimitExceeded
 from .secret import Redactor
 from .settings import Settings
-from .staging import Artifact, Committed, Staging, compression_of, safe_relative
+from .staging import AlreadyCommitted, Artifact, Committed, JobDirBusy, Staging
 from .tracing import make_tracer
 
 SNAPSHOT_LIKE = tuple(r for r in ROLES if r != "restore")
+# The manifest's encoder keeps the structure to about this depth (it recurses); deeper
+# metadata is refused with a clear error rather than written wrong.
+MAX_METADATA_DEPTH = 400
+# A job refused for these never had the job dir: its status key belongs to the run that
+# holds (or committed) it, so nothing is reported there.
+NOT_OURS = (JobDirBusy, AlreadyCommitted)
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep objects and arrays nest in a JSON-like value (without recursing)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class Session:
@@ -230,7 +254,10 @@ class Session:
             self.declare_artifact(fields["filename"], fields.get("compression"))
         elif kind == "component":
             keep = ("name", "status", "artifact", "error")
-            self.components.append({k: fields[k] for k in keep if fields.get(k) is not None})
+            entry = {k: fields[k] for k in keep if fields.get(k) is not None}
+            # a component reported again is the same component: its last report counts
+            self.components = [c for c in self.components if c.get("name") != entry["name"]]
+            self.components.append(entry)
         elif kind == "metadata":
             self.source_metadata.update(fields["source_metadata"])
         elif kind == "log":
@@ -256,10 +283,20 @@ class Session:
         self.heartbeat.set_intent(intent)
 
     def declare_artifact(self, filename: str, compression: str | None = None) -> None:
-        name = str(safe_relative(filename))  # SecurityViolation for absolute or '..'
+        name = self.checked_name(filename)
         if any(a.name == name for a in self.declared):
             return
         self.declared.append(Artifact(name, compression or compression_of(name)))
+
+    def checked_name(self, name: str) -> str:
+        """An artifact name the manifest may hold: inside the work dir, not reserved,
+        UTF-8, and free of any secret value (refused without being printed)."""
+        if self.redactor.redact(name) != name:
+            raise SecurityViolation(
+                "an artifact name contains the value of a secret; it is not committed and "
+                "not shown (the manifest must never hold a secret)"
+            )
+        return artifact_name(name)
 
     def event(self, code: str, severity: str, message: str = "", path: str | None = None) -> None:
         if self.reporter is not None:
@@ -272,13 +309,41 @@ class Session:
         return [c for c in self.components if c.get("status") == "failed"]
 
     def artifacts_to_commit(self) -> list[Artifact]:
-        chosen = list(self.declared) if self.declared else list(self.staging.discover())
+        """The declared artifacts; with none declared, a snapshot-like job's every file in
+        the work dir (a restore's work dir holds no undeclared artifact), minus those of
+        failed components."""
+        if self.declared:
+            chosen = list(self.declared)
+        elif self.settings.role in SNAPSHOT_LIKE:
+            chosen = list(self.staging.discover())
+        else:
+            chosen = []
+        for artifact in chosen:
+            self.checked_name(artifact.name)
         excluded = {
             str(safe_relative(str(c["artifact"])))
             for c in self.failed_components
             if c.get("artifact")
         }
-        return [a for a in chosen if a.name not in excluded]
+        return [a for a in chosen if not _names(a) & excluded]
+
+    def _missing_components(self, artifacts: list[Artifact]) -> None:
+        """A component reported `success` whose artifact will not be in the manifest
+        failed: `ARTIFACT_MISSING` (a success must name a committed file)."""
+        names = set().union(*(_names(a) for a in artifacts))
+        for component in self.components:
+            wanted = component.get("artifact")
+            if component.get("status") != "success" or not wanted:
+                continue
+            if str(safe_relative(str(wanted))) in names:
+                continue
+            component["status"] = "failed"
+            component["error"] = {
+                "code": "ARTIFACT_MISSING",
+                "message": f"component {component.get('name')!r} reported success, but its "
+                f"artifact {wanted!r} is not among the committed artifacts",
+            }
+            self.event("ARTIFACT_MISSING", "error", component["error"]["message"], str(wanted))
 
     def commit(self) -> None:
         """Checksum, move and write the manifest (raises on any failure)."""
@@ -287,6 +352,7 @@ class Session:
         if not artifacts and s.role not in SNAPSHOT_LIKE:
             self.log.info("no artifact declared for this role; no manifest written", role=s.role)
             return
+        self._missing_components(artifacts)
         manifest_fields: dict[str, Any] = {
             "job_id": s.job_id,
             "agent": s.agent,
@@ -294,6 +360,13 @@ class Session:
             "role": s.role,
         }
         if self.source_metadata:
+            depth = nesting_depth(self.source_metadata)
+            if depth > MAX_METADATA_DEPTH:
+                raise DataError(
+                    f"source_metadata nests {depth} levels deep; the manifest holds at most "
+                    f"{MAX_METADATA_DEPTH}",
+                    code="METADATA_TOO_DEEP",
+                )
             manifest_fields["source_metadata"] = self.redactor.redact_value(self.source_metadata)
         deadline_state = self.lifecycle
 
@@ -394,6 +467,12 @@ class Session:
 
     def finish(self, error: BaseException | None) -> int:
         """Report the end of the job and decide the exit code. Never raises."""
+        try:
+            return self._end(error)
+        finally:
+            self.staging.close()  # the job dir's lock is held to the very end
+
+    def _end(self, error: BaseException | None) -> int:
         status, code = self.outcome(error)
         final = AgentState.TERMINATED if status != "failed" else AgentState.FAILED
         try:
@@ -418,12 +497,20 @@ class Session:
         if self.heartbeat is not None:
             self.heartbeat.set_intent(None, beat=False)  # the job is over: nothing in progress
             self.heartbeat.stop(final=True)
-        self.reporter.status(document)
+        ours = not isinstance(error, NOT_OURS)
+        if ours:
+            self.reporter.status(document)
+        else:
+            self.log.warn(
+                "this run never held the job dir: its status and files are another run's, "
+                "nothing is reported over them",
+                job_dir=str(self.settings.job_dir),
+            )
         delivered = self.outbox.drain(self.settings.bus_grace_period)
         self.outbox.close()
         self.tracer.end("agent.report_status")
         self.tracer.shutdown()
-        if delivered:
+        if delivered or not ours:
             return int(code)
         return self._unreported(document, code)
 
@@ -444,3 +531,10 @@ class Session:
             original_exit_code=int(code),
         )
         return int(ExitCode.COMPLETED_UNREPORTED)
+
+
+def _names(artifact: Artifact) -> set[str]:
+    """The names a component may use for an artifact: its own, or for a split part the
+    name the parts were split from."""
+    original = artifact.extra.get("original")
+    return {artifact.name, str(original)} if original else {artifact.name}

@@ -356,7 +356,7 @@ class Supervisor:
         from .capture import ArtifactSink
 
         return ArtifactSink(
-            s.work_dir,
+            self.session.staging.work_fd,
             self.stdout_artifact,
             compression=self.compression,
             checksum_algorithm=s.checksum_algorithm,
@@ -539,7 +539,7 @@ class Supervisor:
             )
             self.log.warn("retrying the command", attempt=attempt + 1, wait_seconds=wait)
             self._sleep(wait)
-            self.session.staging.empty()
+            self.session.staging.set_aside()
             self.session.declared.clear()
             self.session.components.clear()
 

@@ -679,9 +679,11 @@ def test_status_file_unwritable_with_the_bus_down_exits_73(
     assert job.wait(40) == 73
     assert (job_dir(env) / ".baqup-status.json").is_dir()
     assert list((job_dir(env) / ".baqup-status.json").iterdir()) == []
-    assert_committed(env)  # the backup itself is fine; only its report is lost
+    # a child-made .baqup-status.json in the job dir is a reserved name (INTERFACE.md
+    # section 10): the commit refuses it (65), and the report cannot be written either
+    assert not (job_dir(env) / "manifest.json").exists()
     records = job.logs()
     fatal = [r for r in records if r.get("level") == "fatal"]
     assert any("could not be reported nor written" in str(r.get("message")) for r in fatal)
-    assert fatal[-1]["context"]["original_exit_code"] == 0
+    assert fatal[-1]["context"]["original_exit_code"] == 65
     assert_no_traceback(job)

@@ -2,9 +2,10 @@
 
 `BAQUP_JOB_RETRY_MAX=N` allows at most 1 + N runs of the child, only for the retriable
 exit codes (69, 73, 74), with `BAQUP_JOB_RETRY_BACKOFF` between them; each run is one
-entry in `attempts`; the work dir is emptied before each new run; a SIGTERM during the
+entry in `attempts`; the work dir is cleared before each new run; a SIGTERM during the
 wait ends the job; `BAQUP_JOB_TIMEOUT` bounds all the runs together. The child counts
-its runs in a file, so the tests know exactly how often it ran.
+its runs in a file, so the tests know exactly how often it ran. What a failed run left in
+the work dir is moved to `.attempts/{n}/` before the next run.
 """
 
 from __future__ import annotations
@@ -90,7 +91,17 @@ def test_fails_twice_then_succeeds(
     directory = job_dir(env)
     manifests = sorted(p.name for p in directory.rglob("manifest*.json"))
     assert manifests == ["manifest.json"]
-    assert sorted(p.name for p in directory.iterdir()) == [".staging", "dump.sql", "manifest.json"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        ".attempts",
+        ".staging",
+        "dump.sql",
+        "manifest.json",
+    ]
+    # each failed run's debris is kept aside for the controller, never committed nor deleted
+    for attempt in ("1", "2"):
+        kept = directory / ".attempts" / attempt
+        assert sorted(p.name for p in kept.iterdir()) == [".hidden", "leftover.part", "partial"]
+        assert (kept / "leftover.part").read_bytes() == b"half a dump"
     assert (directory / "dump.sql").read_bytes() == b"-- a whole dump, run 3\n"
 
     status = status_of(redis_client, env)

@@ -108,8 +108,9 @@ def manifest_of(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def committed_files(env: Mapping[str, str]) -> set[str]:
-    """The regular files in the job dir (the work dir `.staging/` left out)."""
-    return {p.name for p in job_dir(env).iterdir() if p.name != ".staging"}
+    """The regular files in the job dir (the work dir `.staging/` and the earlier attempts'
+    `.attempts/` left out)."""
+    return {p.name for p in job_dir(env).iterdir() if p.name not in (".staging", ".attempts")}
 
 
 def cli_digests(algorithm: str, paths: list[Path]) -> dict[str, str]:
@@ -617,6 +618,8 @@ def test_a_retried_attempt_starts_a_fresh_artifact(
     stored = b"".join((job_dir(env) / n).read_bytes() for n in names)
     assert cli_decompress("zstd", stored) == sample_data()
     assert committed_files(env) == {*names, "manifest.json"}
+    # the first attempt's half-written capture is kept aside, never committed
+    assert sorted(p.name for p in (job_dir(env) / ".attempts" / "1").iterdir()) == ["db.sql.zst"]
     metrics = status_of(redis_client, env)["metrics"]
     assert metrics["bytes_processed"] == len(sample_data())
     assert metrics["compression_ratio"] == pytest.approx(len(stored) / len(sample_data()), abs=1e-4)
