@@ -15,7 +15,7 @@ AEAD and age do. The header, 62 bytes:
          8     1  version, 2
          9     1  algorithm: 1 aes-256-gcm, 2 chacha20-poly1305
         10     4  chunk size: plaintext bytes per chunk, uint32 big-endian
-                  (1 MiB as written; a reader takes 1 byte to 64 MiB)
+                  (1 MiB as written; a reader takes 1 byte to 8 MiB)
         14    32  salt: random, fresh for every artifact
         46    16  key check (below)
 
