@@ -107,6 +107,12 @@ class Child:
             return False
         return True
 
+    def signal_all(self, signum: int) -> list[int]:
+        """`signum` to the child's group and to every descendant of baqup-run, wherever its
+        group or session (a `setsid` daemon is out of the group's reach); the pids reached."""
+        self.signal_group(signum)
+        return signal_descendants(signum)
+
     def close(self) -> None:
         for fd in self.fds:
             try:
@@ -214,39 +220,115 @@ def _widen_pipe(fd: int) -> None:
         pass
 
 
+def descendants(root: int | None = None) -> list[int]:
+    """Every live process below `root` (default: baqup-run), read from /proc.
+
+    As a subreaper (or PID 1) baqup-run is the ancestor of every process the job started,
+    including a daemon that left the child's group or session (setsid), so this tree is
+    the whole of what may still write. Zombies are left out: they write nothing.
+    """
+    root = os.getpid() if root is None else root
+    below: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # gone between the listing and the read
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 2 or fields[0] in (b"Z", b"X"):
+            continue
+        below.setdefault(int(fields[1]), []).append(int(name))
+    found: list[int] = []
+    pending = list(below.get(root, ()))
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(below.get(pid, ()))
+    return found
+
+
+def signal_descendants(signum: int) -> list[int]:
+    """Send `signum` to every descendant of baqup-run; the pids it reached."""
+    reached = []
+    for pid in descendants():
+        try:
+            os.kill(pid, signum)
+            reached.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return reached
+
+
+@dataclass(frozen=True)
+class ChildChange:
+    """The main child stopped (by `signum`) or continued: worth an event, not an exit."""
+
+    stopped: bool
+    signum: int = 0
+
+
 class Reaper:
-    """Collects exit statuses: the main child's is kept, orphans' are just reaped."""
+    """Collects exit statuses: the main child's is kept, orphans' are just reaped.
+
+    Also tells whether baqup-run still has any child at all (`has_children`): as a
+    subreaper every orphan of the job is re-parented here, so "no child left" means no
+    process the job started is alive. Stops and continuations of the main child are
+    returned for the supervisor to report (WUNTRACED | WCONTINUED).
+    """
 
     def __init__(self, reap_all: bool) -> None:
         self.reap_all = reap_all
         self.orphans_reaped = 0
+        self.has_children = True
 
-    def reap(self, child: Child | None) -> None:
+    def reap(self, child: Child | None) -> list[ChildChange]:
+        changes: list[ChildChange] = []
         if not self.reap_all:
             if child is not None and child.status is None:
-                self._wait_one(child)
-            return
+                self._wait_one(child, changes)
+            self.has_children = child is not None and child.status is None
+            return changes
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED | os.WCONTINUED)
             except ChildProcessError:
-                return
+                self.has_children = False
+                return changes
             if pid == 0:
-                return
+                self.has_children = True
+                return changes
             if child is not None and pid == child.pid:
-                child.status = status
-            else:
+                _record(child, status, changes)
+            elif not (os.WIFSTOPPED(status) or os.WIFCONTINUED(status)):
                 self.orphans_reaped += 1
 
     @staticmethod
-    def _wait_one(child: Child) -> None:
-        try:
-            pid, status = os.waitpid(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            child.status = 0
-            return
-        if pid == child.pid:
-            child.status = status
+    def _wait_one(child: Child, changes: list[ChildChange]) -> None:
+        while child.status is None:
+            try:
+                pid, status = os.waitpid(child.pid, os.WNOHANG | os.WUNTRACED | os.WCONTINUED)
+            except ChildProcessError:
+                child.status = 0
+                return
+            if pid != child.pid:
+                return
+            _record(child, status, changes)
+
+
+def _record(child: Child, status: int, changes: list[ChildChange]) -> None:
+    if os.WIFSTOPPED(status):
+        changes.append(ChildChange(stopped=True, signum=os.WSTOPSIG(status)))
+    elif os.WIFCONTINUED(status):
+        changes.append(ChildChange(stopped=False))
+    else:
+        child.status = status
 
 
 def describe_exit(code: int) -> tuple[ExitCode, str, str]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import backoff
 from .adapters import ADAPTERS, Adapter
-from .child import Child, Reaper, describe_exit, spawn
+from .child import Child, Reaper, descendants, describe_exit, signal_descendants, spawn
 from .clock import utc_iso
 from .compression import choose
 from .control import ControlMessage, LineSplitter, parse_message
@@ -54,7 +54,8 @@ READ_SIZES = {"artifact": CAPTURE_READ_SIZE, "control": 16 * 1024}
 MEMORY_CHECK_INTERVAL = 0.5
 CAPTURE_PROGRESS_INTERVAL = 0.25  # the reporter sends at most once a second anyway
 TICK = 0.25
-DRAIN_AFTER_EXIT = 2.0
+DRAIN_AFTER_EXIT = 2.0  # pipes still open once every process of the job is gone
+KILL_WAIT = 5.0  # how long processes get to vanish after SIGKILL
 RETRY_BASE = 1.0
 FORWARDED = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 
@@ -92,6 +93,10 @@ class Supervisor:
         self._lock = threading.Lock()
         self.abort_error: BaqupError | None = None
         self.kill_at: float | None = None
+        self.exited_at: float | None = None  # when the main child exited
+        self.settle_until: float | None = None  # when descendants it left must have finished
+        self.quiet_since: float | None = None  # since when no process of the job is alive
+        self.killed_at: float | None = None
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
         self.stdout_artifact = stdout_artifact
@@ -192,26 +197,40 @@ class Supervisor:
     # --- RUNNING ----------------------------------------------------------------------------
 
     def abort(self, error: BaqupError) -> None:
-        """End the child's group: SIGTERM now, SIGKILL after the grace period."""
+        """End everything the job started: SIGTERM (then SIGCONT, so a stopped process can act
+        on it) now, SIGKILL after the grace period; a second abort escalates at once."""
         if self.abort_error is None:
             self.abort_error = error
             self.log.warn(
                 f"aborting the job: {error.message}", code=error.code, grace_seconds=self.grace
             )
         child = self.child
-        if child is None or (child.exited and not child.group_alive()):
+        if child is None or (child.exited and not self._anything_alive(child)):
             return
         if self.kill_at is None:
-            child.signal_group(signal.SIGTERM)
-            self.kill_at = time.monotonic() + self.grace
+            self._terminate(child)
         else:
             self.kill_now("a second termination request")
 
+    def _terminate(self, child: Child) -> None:
+        child.signal_all(signal.SIGTERM)
+        child.signal_all(signal.SIGCONT)
+        self.kill_at = time.monotonic() + self.grace
+
     def kill_now(self, why: str) -> None:
         child = self.child
-        if child is not None and child.signal_group(signal.SIGKILL):
-            self.log.warn(f"SIGKILL sent to the child's group: {why}")
+        if child is not None:
+            group = child.signal_group(signal.SIGKILL)
+            reached = signal_descendants(signal.SIGKILL)
+            if group or reached:
+                self.log.warn(f"SIGKILL sent to every process of the job: {why}", pids=reached[:20])
         self.kill_at = float("inf")
+        self.killed_at = time.monotonic()
+
+    def _anything_alive(self, child: Child) -> bool:
+        """Whether any process the job started is alive: a child of baqup-run (every orphan
+        is re-parented here) or a member of the child's group (when not a subreaper)."""
+        return (not child.exited) or self.reaper.has_children or child.group_alive()
 
     def _on_line(self, stream: str, line: bytes, truncated: bool) -> None:
         session = self.session
@@ -271,7 +290,7 @@ class Supervisor:
                 splitters[fd] = (name, LineSplitter())
         selector.register(self._wake_r, selectors.EVENT_READ)
         self.session.last_activity = time.monotonic()  # the stall clock starts with the child
-        exited_at: float | None = None
+        self.exited_at = self.settle_until = self.quiet_since = self.killed_at = None
         try:
             while True:
                 now = time.monotonic()
@@ -292,15 +311,9 @@ class Supervisor:
                 assert self.session.reporter is not None
                 self.session.reporter.tick(now)
                 if child.exited:
-                    if exited_at is None:
-                        exited_at = now
-                        self._after_exit(child)
-                    open_pipes = [fd for fd in splitters if fd in selector.get_map()]
-                    if not open_pipes:
-                        break
-                    if now - exited_at > DRAIN_AFTER_EXIT and not child.group_alive():
-                        break
-                    if now - exited_at > DRAIN_AFTER_EXIT + self.grace:
+                    capture_open = child.stdout_fd in selector.get_map() and self.sink is not None
+                    open_pipes = any(fd in selector.get_map() for fd in splitters)
+                    if self._may_end(child, now, open_pipes, capture_open):
                         break
         finally:
             for name, splitter in splitters.values():
@@ -310,16 +323,77 @@ class Supervisor:
             child.close()
         code = child.exit_code
         assert code is not None
-        self.log.info("child exited", exit_code=code, pid=child.pid)
         return code
 
-    def _after_exit(self, child: Child) -> None:
-        """The main child is gone: what is left of its group gets SIGTERM, then SIGKILL."""
-        if child.group_alive():
-            self.log.warn("the child exited but its process group lives on; terminating it")
-            child.signal_group(signal.SIGTERM)
-            if self.kill_at is None:
-                self.kill_at = time.monotonic() + self.grace
+    def _may_end(self, child: Child, now: float, open_pipes: bool, capture_open: bool) -> bool:
+        """After the main child exited: True once nothing the job started can still write
+        (INTERFACE.md 10): no descendant alive and every pipe at end of file."""
+        if self.exited_at is None:
+            self.exited_at = now
+            self.log.info("child exited", exit_code=child.exit_code, pid=child.pid)
+            self._after_exit(child, now)
+        if self._anything_alive(child):
+            self.quiet_since = None
+            if self.settle_until is not None and now >= self.settle_until:
+                self.settle_until = None
+                self._descendants_outlived()
+            elif self.killed_at is not None:
+                signal_descendants(signal.SIGKILL)  # any forked since the last pass
+                if now - self.killed_at > KILL_WAIT:
+                    self.log.error(
+                        "processes of the job survive SIGKILL (uninterruptible I/O?); "
+                        "giving up waiting for them",
+                        pids=descendants()[:20],
+                    )
+                    return True
+            return False
+        if not open_pipes:
+            return True
+        if self.quiet_since is None:
+            self.quiet_since = now
+        if now - self.quiet_since <= DRAIN_AFTER_EXIT:
+            return False
+        # Every process the job started is gone, yet a pipe is still open: a process outside
+        # the job holds its write end (passed over a socket). The log pipes are let go; a
+        # captured stream may still be written to, so it is never committed.
+        self.log.warn("a pipe of the child is still open after every process of the job exited")
+        if capture_open and self.abort_error is None:
+            self.abort_error = JobFailed(
+                "the captured stdout is still open although every process of the job exited: "
+                "a process outside the job holds it, the artifact may be incomplete",
+                code="OUTPUT_STILL_OPEN",
+            )
+        return True
+
+    def _after_exit(self, child: Child, now: float) -> None:
+        """The main child is gone. What it left running gets --grace seconds to finish when
+        the command succeeded; when it failed there is nothing to wait for."""
+        if not self._anything_alive(child):
+            return
+        pids = descendants()
+        if child.exit_code == 0 and self.abort_error is None and self.kill_at is None:
+            self.log.warn(
+                f"the command exited but {len(pids)} process(es) it started still run; "
+                f"waiting up to {self.grace:g} s for them to finish",
+                pids=pids[:20],
+            )
+            self.settle_until = now + self.grace
+        elif self.kill_at is None:
+            self.log.warn(
+                "the command failed; ending the processes it left running", pids=pids[:20]
+            )
+            self._terminate(child)
+
+    def _descendants_outlived(self) -> None:
+        pids = descendants()
+        self.abort(
+            JobFailed(
+                f"{len(pids)} process(es) the command started still ran {self.grace:g} s after "
+                "it exited (a script that forgets `wait`?); they were killed and nothing was "
+                "committed",
+                code="DESCENDANTS_KILLED",
+            )
+        )
 
     def _read(
         self,
@@ -464,6 +538,8 @@ class Supervisor:
         deadlines = [now + TICK]
         if self.kill_at is not None:
             deadlines.append(self.kill_at)
+        if self.settle_until is not None:
+            deadlines.append(self.settle_until)
         return max(0.0, min(deadlines) - now)
 
     def _check_timers(self, now: float) -> None:

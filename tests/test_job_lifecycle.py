@@ -506,19 +506,29 @@ def test_orphaned_grandchildren_are_adopted_and_reaped(
 
 
 def test_a_group_member_outliving_the_child_is_ended(
-    env: dict[str, str], tmp_path: Path, launch: Launch
+    env: dict[str, str], redis_client: redis.Redis, tmp_path: Path, launch: Launch
 ) -> None:
+    """INTERFACE.md 10: what the child leaves running gets --grace to finish, then is killed
+    and the job fails (DESCENDANTS_KILLED); tests/test_descendants.py has the variants."""
     pid_file = tmp_path / "orphan.pid"
     started = time.monotonic()
     job = launch(
-        ["--", *write_artifact_then('sleep 30 & echo $! > "$1"; exit 0'), "sh", str(pid_file)],
+        [
+            "--grace",
+            "1",
+            "--",
+            *write_artifact_then('sleep 30 & echo $! > "$1"; exit 0'),
+            "sh",
+            str(pid_file),
+        ],
         env,
     )
-    assert job.wait(20) == 0, job.stderr()
+    assert job.wait(20) == 1, job.stderr()
     assert time.monotonic() - started < 15
     orphan = int(pid_file.read_text())
     assert not alive(orphan), "the orphaned sleep outlived the job"
-    assert any("process group lives on" in str(r.get("message")) for r in job.logs())
+    assert error_code(status_of(redis_client, env)) == "DESCENDANTS_KILLED"
+    assert manifest_of(env) is None
 
 
 # --- timeouts ----------------------------------------------------------------------------------
