@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 from .contract import ExitCode
 from .errors import JobFailed, UsageError
-from .signals import JOB_SIGNALS
 
 PR_SET_CHILD_SUBREAPER = 36
-# Signals whose disposition baqup-run changes and the child must get back at default.
-DEFAULT_IN_CHILD = (*JOB_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM)
+# Whatever baqup-run inherited or set (Python ignores SIGPIPE and SIGXFSZ), the child starts
+# with every signal at its default disposition.
+DEFAULT_IN_CHILD = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
 def set_child_subreaper() -> bool:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import backoff
 from .adapters import ADAPTERS, Adapter
-from .child import Child, Reaper, descendants, describe_exit, signal_descendants, spawn
+from .child import Child, ChildChange, Reaper, descendants, describe_exit, signal_descendants, spawn
 from .clock import utc_iso
 from .compression import choose
 from .control import ControlMessage, LineSplitter, parse_message
@@ -40,6 +40,7 @@ from .errors import (
 from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
 from .secret import Secret
 from .session import Session
+from .signals import ABORTING, FORWARDED, SI_KERNEL, STOPPING, describe
 from .staging import safe_relative
 
 if TYPE_CHECKING:  # imported where used: a plain job never pays for them
@@ -57,7 +58,6 @@ TICK = 0.25
 DRAIN_AFTER_EXIT = 2.0  # pipes still open once every process of the job is gone
 KILL_WAIT = 5.0  # how long processes get to vanish after SIGKILL
 RETRY_BASE = 1.0
-FORWARDED = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 
 
 def expand(template: str, environ: Mapping[str, str]) -> str:
@@ -97,6 +97,8 @@ class Supervisor:
         self.settle_until: float | None = None  # when descendants it left must have finished
         self.quiet_since: float | None = None  # since when no process of the job is alive
         self.killed_at: float | None = None
+        self.stop_requested = False  # a stopping signal was forwarded since the last start
+        self.child_stopped = False
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
         self.stdout_artifact = stdout_artifact
@@ -142,21 +144,32 @@ class Supervisor:
         except BlockingIOError:
             pass
 
-    def on_signal(self, signum: int) -> None:
+    def on_signal(self, info: signal.struct_siginfo) -> None:
+        """One signal taken by the router (signals.py); the table is INTERFACE.md 13."""
+        signum = info.si_signo
         if signum == signal.SIGUSR1:
             if self.session.heartbeat is not None:
                 self.session.heartbeat.beat_now()
             return
-        if signum in FORWARDED:
-            child = self.child
-            if child is not None and not child.exited:
-                child.signal_group(signum)
-                self.log.info(f"forwarded {signal.Signals(signum).name} to the child's group")
-            return
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in ABORTING:
             with self._lock:
                 self._terms.append(signum)
-        self._poke()
+        elif signum in FORWARDED:
+            self._forward(signum, info.si_code)
+        self._poke()  # SIGCHLD too: the loop reaps
+
+    def _forward(self, signum: int, si_code: int) -> None:
+        if signum in (signal.SIGTTIN, signal.SIGTTOU) and si_code == SI_KERNEL:
+            # The terminal stopping a member of baqup-run's own group (a background read, or
+            # a write with TOSTOP): it concerns that group, not the job's.
+            return
+        child = self.child
+        if child is None or not child.signal_group(signum):
+            self.log.info(f"{describe(signum)} received; no child to forward it to")
+            return
+        if signum in STOPPING:
+            self.stop_requested = True
+        self.log.info(f"forwarded {describe(signum)} to the child's group")
 
     def take_terms(self) -> list[int]:
         with self._lock:
@@ -291,6 +304,7 @@ class Supervisor:
         selector.register(self._wake_r, selectors.EVENT_READ)
         self.session.last_activity = time.monotonic()  # the stall clock starts with the child
         self.exited_at = self.settle_until = self.quiet_since = self.killed_at = None
+        self.stop_requested = self.child_stopped = False
         try:
             while True:
                 now = time.monotonic()
@@ -302,7 +316,10 @@ class Supervisor:
                             pass
                         continue
                     self._read(selector, key.fd, splitters)
-                self.reaper.reap(child)
+                for change in self.reaper.reap(child):
+                    self._on_change(change)
+                if self.child_stopped:
+                    self.session.last_activity = now  # a stopped command is paused, not stalled
                 for _ in self.take_terms():
                     self.abort(JobFailed("terminated by signal", code="ABORTED"))
                 now = time.monotonic()
@@ -324,6 +341,23 @@ class Supervisor:
         code = child.exit_code
         assert code is not None
         return code
+
+    def _on_change(self, change: ChildChange) -> None:
+        """The command stopped (Ctrl-Z, a forwarded SIGTSTP, a terminal read) or went on."""
+        self.child_stopped = change.stopped
+        if change.stopped:
+            name = describe(change.signum)
+            self.session.event(
+                "CHILD_STOPPED",
+                "warn",
+                f"the command was stopped by {name}; the job goes on (heartbeats, timeouts) "
+                "until it is continued (SIGCONT to baqup-run) or aborted",
+            )
+            self.log.info("child stopped", signal=name)
+        else:
+            self.stop_requested = False
+            self.session.event("CHILD_CONTINUED", "info", "the command continued")
+            self.log.info("child continued")
 
     def _may_end(self, child: Child, now: float, open_pipes: bool, capture_open: bool) -> bool:
         """After the main child exited: True once nothing the job started can still write
