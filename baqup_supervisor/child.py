@@ -11,16 +11,15 @@ orphaned grandchildren are re-parented to it, and `Reaper` collects every zombie
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
-import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .contract import ExitCode
 from .errors import JobFailed, UsageError
+from .launcher import launch_argv, resolve_command
 
 PR_SET_CHILD_SUBREAPER = 36
 # Whatever baqup-run inherited or set (Python ignores SIGPIPE and SIGXFSZ), the child starts
@@ -35,33 +34,6 @@ def set_child_subreaper() -> bool:
         return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
-
-
-class CommandNotFound(UsageError):
-    default_code = "COMMAND_NOT_FOUND"
-
-
-class CommandNotExecutable(JobFailed):
-    default_code = "COMMAND_NOT_EXECUTABLE"
-
-
-def resolve_command(argv0: str, environ: Mapping[str, str]) -> str:
-    """The executable for argv[0], searched on the child's PATH as execvp would."""
-    if "/" in argv0:
-        if not os.path.exists(argv0):
-            raise CommandNotFound(f"command not found: {argv0}")
-        if os.path.isdir(argv0) or not os.access(argv0, os.X_OK):
-            raise CommandNotExecutable(f"command is not executable: {argv0}")
-        return argv0
-    path = environ.get("PATH", os.defpath)
-    found = shutil.which(argv0, path=path)
-    if found is None:
-        for directory in path.split(os.pathsep):
-            candidate = os.path.join(directory or ".", argv0)
-            if os.path.exists(candidate) and not os.path.isdir(candidate):
-                raise CommandNotExecutable(f"command is not executable: {candidate}")
-        raise CommandNotFound(f"command not found: {argv0} (PATH={path})")
-    return found
 
 
 @dataclass
@@ -129,11 +101,15 @@ def spawn(
     control_fd: int,
     capture_stdout: bool = True,
     pipe_stdin: bool = False,
+    terminal: bool = False,
 ) -> Child:
-    """Start argv in its own process group with the control pipe at `control_fd`."""
+    """Start argv in its own process group with the control pipe at `control_fd`, behind the
+    launcher that gives it its parent-death signal (launcher.py); with `terminal`, its group
+    takes the terminal's foreground before the command runs."""
     if not argv:
         raise UsageError("no command to run")
     executable = resolve_command(argv[0], environ)
+    launch = launch_argv(executable, argv, terminal=terminal)
     parent_fds: list[int] = []
     child_fds: list[int] = []
     actions: list[tuple[int, ...]] = []
@@ -171,21 +147,18 @@ def spawn(
                 actions[index] = (os.POSIX_SPAWN_DUP2, moved, action[2])
         try:
             pid = os.posix_spawn(
-                executable,
-                list(argv),
+                launch[0],
+                launch,
                 dict(environ),
                 file_actions=actions,
                 setpgroup=0,
                 setsigmask=(),
                 setsigdef=DEFAULT_IN_CHILD,
             )
-        except PermissionError as exc:
-            raise CommandNotExecutable(f"cannot execute {argv[0]}: {exc.strerror}") from None
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise CommandNotFound(f"command not found: {argv[0]}") from None
+        except OSError as exc:  # the launcher itself (resolve_command vouched for the command)
             raise JobFailed(
-                f"cannot start {argv[0]}: {exc.strerror}", code="COMMAND_NOT_EXECUTABLE"
+                f"cannot start {argv[0]}: {launch[0]}: {exc.strerror}",
+                code="COMMAND_NOT_EXECUTABLE",
             ) from None
     except BaseException:
         for fd in parent_fds:
@@ -206,6 +179,64 @@ def spawn(
         stdin_fd=stdin_write,
         fds=list(parent_fds),
     )
+
+
+class Terminal:
+    """baqup-run's controlling terminal, held while baqup-run is in its foreground.
+
+    The child's group is made the foreground group (by the launcher, before the command
+    runs), so a prompt reads the keyboard and Ctrl-C reaches the command, as under tini.
+    While the command is stopped, baqup-run takes the foreground back so that the keyboard
+    (Ctrl-C) reaches baqup-run, which is not stopped; it gives it back when the command
+    goes on, and takes it back for good at the end. Never steals a terminal it was not in
+    the foreground of (started with `&`). tcsetpgrp from the background is allowed because
+    SIGTTOU is blocked (signals.py).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.own = os.getpgrp()
+
+    @classmethod
+    def foreground(cls) -> Terminal | None:
+        """The controlling terminal when baqup-run's group is its foreground group."""
+        try:
+            fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            return None  # no controlling terminal (a container without -t, a service)
+        try:
+            if os.tcgetpgrp(fd) == os.getpgrp():
+                return cls(fd)
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    def holder(self) -> int:
+        try:
+            return os.tcgetpgrp(self.fd)
+        except OSError:
+            return -1
+
+    def give(self, pgid: int) -> bool:
+        try:
+            os.tcsetpgrp(self.fd, pgid)
+            return True
+        except OSError:
+            return False  # the group is gone, or the terminal hung up
+
+    def take_back(self, pgid: int) -> bool:
+        """Make baqup-run's group the foreground again if `pgid` (the child's) holds it."""
+        holder = self.holder()
+        if holder == self.own or holder not in (pgid, -1):
+            return False
+        return self.give(self.own)
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 PIPE_SIZE = 1024 * 1024

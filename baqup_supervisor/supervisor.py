@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 from . import backoff
 from .adapters import ADAPTERS, Adapter
-from .child import Child, ChildChange, Reaper, descendants, describe_exit, signal_descendants, spawn
+from .child import (
+    Child,
+    ChildChange,
+    Reaper,
+    Terminal,
+    descendants,
+    describe_exit,
+    signal_descendants,
+    spawn,
+)
 from .clock import utc_iso
 from .compression import choose
 from .control import ControlMessage, LineSplitter, parse_message
@@ -40,7 +49,7 @@ from .errors import (
 from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
 from .secret import Secret
 from .session import Session
-from .signals import ABORTING, FORWARDED, SI_KERNEL, STOPPING, describe
+from .signals import ABORTING, FORWARDED, SI_KERNEL, describe
 from .staging import safe_relative
 
 if TYPE_CHECKING:  # imported where used: a plain job never pays for them
@@ -97,8 +106,11 @@ class Supervisor:
         self.settle_until: float | None = None  # when descendants it left must have finished
         self.quiet_since: float | None = None  # since when no process of the job is alive
         self.killed_at: float | None = None
-        self.stop_requested = False  # a stopping signal was forwarded since the last start
         self.child_stopped = False
+        self.terminal: Terminal | None = None
+        self.terminal_checked = False
+        self.terminal_reclaimed = False  # baqup-run took the foreground while the child is stopped
+        self.interrupted = False  # the child died of the SIGINT of a Ctrl-C on its terminal
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
         self.stdout_artifact = stdout_artifact
@@ -167,8 +179,6 @@ class Supervisor:
         if child is None or not child.signal_group(signum):
             self.log.info(f"{describe(signum)} received; no child to forward it to")
             return
-        if signum in STOPPING:
-            self.stop_requested = True
         self.log.info(f"forwarded {describe(signum)} to the child's group")
 
     def take_terms(self) -> list[int]:
@@ -277,11 +287,15 @@ class Supervisor:
         self.abort_error = None
         self.kill_at = None
         self.sink = self.new_sink()
+        if not self.terminal_checked:
+            self.terminal_checked = True
+            self.terminal = Terminal.foreground()
         self.child = child = spawn(
             self.argv,
             self.child_environ(),
             control_fd=s.control_fd,
             pipe_stdin=self.restore_source is not None,
+            terminal=self.terminal is not None,
         )
         self.log.info("child started", pid=child.pid, command=self.argv[0])
         if self.restore_source is not None:
@@ -304,7 +318,7 @@ class Supervisor:
         selector.register(self._wake_r, selectors.EVENT_READ)
         self.session.last_activity = time.monotonic()  # the stall clock starts with the child
         self.exited_at = self.settle_until = self.quiet_since = self.killed_at = None
-        self.stop_requested = self.child_stopped = False
+        self.child_stopped = self.terminal_reclaimed = self.interrupted = False
         try:
             while True:
                 now = time.monotonic()
@@ -320,8 +334,8 @@ class Supervisor:
                     self._on_change(change)
                 if self.child_stopped:
                     self.session.last_activity = now  # a stopped command is paused, not stalled
-                for _ in self.take_terms():
-                    self.abort(JobFailed("terminated by signal", code="ABORTED"))
+                for signum in self.take_terms():
+                    self.abort(JobFailed(f"terminated by {describe(signum)}", code="ABORTED"))
                 now = time.monotonic()
                 self._check_timers(now)
                 self._check_feeder()
@@ -338,6 +352,8 @@ class Supervisor:
                     self._on_line(name, line, truncated)
             selector.close()
             child.close()
+            if self.terminal is not None:
+                self.terminal.take_back(child.pgid)
         code = child.exit_code
         assert code is not None
         return code
@@ -354,10 +370,18 @@ class Supervisor:
                 "until it is continued (SIGCONT to baqup-run) or aborted",
             )
             self.log.info("child stopped", signal=name)
+            child = self.child
+            if self.terminal is not None and child is not None:
+                # The keyboard must reach baqup-run (Ctrl-C aborts), not a stopped group.
+                self.terminal_reclaimed = self.terminal.take_back(child.pgid)
         else:
-            self.stop_requested = False
             self.session.event("CHILD_CONTINUED", "info", "the command continued")
             self.log.info("child continued")
+            child = self.child
+            if self.terminal_reclaimed and self.abort_error is None and child is not None:
+                self.terminal_reclaimed = False
+                assert self.terminal is not None
+                self.terminal.give(child.pgid)
 
     def _may_end(self, child: Child, now: float, open_pipes: bool, capture_open: bool) -> bool:
         """After the main child exited: True once nothing the job started can still write
@@ -365,6 +389,11 @@ class Supervisor:
         if self.exited_at is None:
             self.exited_at = now
             self.log.info("child exited", exit_code=child.exit_code, pid=child.pid)
+            self.interrupted = (
+                child.exit_code == -signal.SIGINT
+                and self.terminal is not None
+                and self.terminal.holder() == child.pgid
+            )
             self._after_exit(child, now)
         if self._anything_alive(child):
             self.quiet_since = None
@@ -632,6 +661,9 @@ class Supervisor:
                 if attempt > 1:
                     self._record(attempt, stamp, started, None)
                 return
+            if code == -signal.SIGINT and self.interrupted:
+                self._record(attempt, stamp, started, "ABORTED")
+                raise JobFailed("interrupted from the terminal (Ctrl-C)", code="ABORTED")
             exit_code, error_code, message = describe_exit(code)
             self._record(attempt, stamp, started, f"exit {code}" if code > 0 else error_code)
             retriable = code in s.retriable_exit_codes
@@ -677,6 +709,8 @@ class Supervisor:
         self.session.attempts.append(entry)
 
     def close(self) -> None:
+        if self.terminal is not None:
+            self.terminal.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
