@@ -1,11 +1,14 @@
-"""The child process: spawning it, signalling its group, and reaping every zombie.
+"""The child process: spawning it, signalling its group, reaping, and the process tree.
 
 Owns INTERFACE.md section 2: the child runs in its own process group with the job's
 environment, the write end of the control pipe at `$BAQUP_CONTROL_FD`, default signal
-dispositions and an empty signal mask; its stdout and stderr are pipes unless told
-otherwise. baqup-run makes itself a child subreaper (PR_SET_CHILD_SUBREAPER), so
-orphaned grandchildren are re-parented to it, and `Reaper` collects every zombie
-(as tini does when it is PID 1) while keeping the main child's exit status.
+dispositions and an empty signal mask, behind the launcher that arms its parent-death
+signal (launcher.py); its stdout and stderr are pipes unless told otherwise. baqup-run
+makes itself a child subreaper (PR_SET_CHILD_SUBREAPER), so orphaned descendants are
+re-parented to it: `Reaper` collects every zombie (as tini does when it is PID 1) while
+keeping the main child's exit status and reporting its stops, and `descendants` lists
+every process the job started, whatever its group or session. `Terminal` is baqup-run's
+controlling terminal, whose foreground the child's group gets.
 """
 
 from __future__ import annotations
