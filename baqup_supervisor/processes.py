@@ -146,7 +146,11 @@ class ProcessControl:
     def _on_change(self, change: ChildChange) -> None:
         """The command stopped (Ctrl-Z, a forwarded SIGTSTP, a terminal read) or went on."""
         self.child_stopped = change.stopped
+        child, terminal = self.child, self.terminal
         if change.stopped:
+            if terminal is not None and child is not None:
+                # The keyboard must reach baqup-run (Ctrl-C aborts), not a stopped group.
+                self.terminal_reclaimed = terminal.take_back(child.pgid)
             name = describe(change.signum)
             self.session.event(
                 "CHILD_STOPPED",
@@ -155,18 +159,13 @@ class ProcessControl:
                 "until it is continued (SIGCONT to baqup-run) or aborted",
             )
             self.log.info("child stopped", signal=name)
-            child = self.child
-            if self.terminal is not None and child is not None:
-                # The keyboard must reach baqup-run (Ctrl-C aborts), not a stopped group.
-                self.terminal_reclaimed = self.terminal.take_back(child.pgid)
-        else:
-            self.session.event("CHILD_CONTINUED", "info", "the command continued")
-            self.log.info("child continued")
-            child = self.child
-            if self.terminal_reclaimed and self.abort_error is None and child is not None:
-                self.terminal_reclaimed = False
-                assert self.terminal is not None
-                self.terminal.give(child.pgid)
+            return
+        if self.terminal_reclaimed and self.abort_error is None:
+            self.terminal_reclaimed = False
+            if terminal is not None and child is not None:
+                terminal.give(child.pgid)
+        self.session.event("CHILD_CONTINUED", "info", "the command continued")
+        self.log.info("child continued")
 
     def _may_end(self, child: Child, now: float, open_pipes: bool, capture_open: bool) -> bool:
         """After the main child exited: True once nothing the job started can still write

@@ -566,6 +566,8 @@ def test_ctrl_z_stops_the_child_and_ctrl_c_then_aborts_at_once(
     terminal.read_until(b"child stopped")
     assert proc_state(child) == "T"
     assert proc_state(terminal.pid) != "T", "baqup-run stopped with its child"
+    fields = Path(f"/proc/{terminal.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    assert fields[5] == fields[2], "baqup-run did not take the terminal back from the stopped"
     stopped_at = beat(redis_client, env)
     wait_for(lambda: beat(redis_client, env) > stopped_at, timeout=10, what="beats go on")
     sent = time.monotonic()
