@@ -2,15 +2,17 @@
 
 The contract types are importable from here with the seeds' Python API
 (`from baqup_supervisor import ExitCode, AgentState, LogLevel, Secret`). This module
-imports nothing when it is imported: `baqup-run` blocks its signals only once the package
-is loaded (entry.py), so every millisecond spent here is a window in which a signal is
-fatal. The names are loaded on first use (PEP 562).
+imports nothing when the package is imported: every console script and `baqup emit`
+(called once per file by shell agents) pays for this file first, so the names are
+loaded on first access (PEP 562).
 """
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy honours the name)
+TYPE_CHECKING = False  # not `typing`'s: that import alone costs milliseconds here
 if TYPE_CHECKING:
+    from typing import Any
+
     from .contract import AgentState, ErrorCategory, EventCode, ExitCode, LogLevel, Severity
     from .errors import BaqupError
     from .secret import Secret
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 CONTRACT_VERSION = "1.0"
 
-_HOMES = {
+_LAZY = {
     "AgentState": "contract",
     "ErrorCategory": "contract",
     "EventCode": "contract",
@@ -43,12 +45,12 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f"{__name__}.{home}"), name)
+    value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from .staging import io_error
 from .walker import Entry, Walker
 
 PROGRESS_EVERY = 1.0
@@ -78,20 +79,25 @@ def write_archive(
         on_event=on_event,
     )
     last_progress = time.monotonic()
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for entry in walker:
-            _add(tar, walker.root, entry, on_event)
-            now = time.monotonic()
-            if emit is not None and now - last_progress >= PROGRESS_EVERY:
-                last_progress = now
-                emit(
-                    {
-                        "type": "progress",
-                        "files_processed": walker.stats.files,
-                        "bytes_processed": walker.stats.bytes,
-                        "current_file": entry.relative,
-                    }
-                )
+    current = ""
+    try:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for entry in walker:
+                current = entry.relative
+                _add(tar, walker.root, entry, on_event)
+                now = time.monotonic()
+                if emit is not None and now - last_progress >= PROGRESS_EVERY:
+                    last_progress = now
+                    emit(
+                        {
+                            "type": "progress",
+                            "files_processed": walker.stats.files,
+                            "bytes_processed": walker.stats.bytes,
+                            "current_file": entry.relative,
+                        }
+                    )
+    except OSError as exc:  # a full disk or a failing read is an I/O error (74), not a crash
+        raise io_error(exc, f"archiving {current or root!r}") from None
     stats = walker.stats
     result = {
         "files": stats.files,

@@ -2,10 +2,21 @@
 
 Owns INTERFACE.md section 4: which key each message goes to, its structure and TTL,
 and how a message's fields are encoded (strings as they are, everything else as
-compact JSON). A transport sends one message in one round trip and raises
-`BusUnavailable` on any failure; it never retries, buffers or sleeps: that is the
-outbox's job (outbox.py). A password in the bus URL is never put in a message, a
-log record or an exception text.
+compact JSON through `jsonutil.dumps`, which never refuses valid data). A transport
+sends one message in one round trip; it never retries, buffers or sleeps: that is
+the outbox's job (outbox.py). A send or ping returns only when the server took the
+message; every failure of any kind raises one of two exceptions:
+
+- `BusUnavailable`: the bus cannot be used (refused or lost connection, timeout, a
+  reply that is not Redis protocol, or a server-side condition that concerns every
+  write: LOADING, READONLY, OOM, MISCONF, TRYAGAIN, cluster down...). Nothing about
+  the message itself is wrong: it is retried, in order, once the bus is back.
+- `MessageRefused` (a `BusUnavailable`): the server answered this message with an
+  error of its own (WRONGTYPE, NOPERM, a command-specific ERR). Retrying it may not
+  help; the outbox decides how often (outbox.py).
+
+A password in the bus URL is never put in a message, a log record or an exception
+text.
 """
 
 from __future__ import annotations
@@ -20,15 +31,39 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
+from . import jsonutil
 from .errors import ConfigError
-from .secret import Secret
+from .secret import Redactor, Secret, mask_url, url_passwords
 
 DAY = 24 * 3600
 KINDS = ("heartbeat", "progress", "event", "status", "notify")
+MAX_DESCRIPTION = 300  # characters of a bus URL in a log record or an error
 
 
 class BusUnavailable(Exception):
-    """The bus cannot be reached or refused a write (the message was not sent)."""
+    """The bus cannot be used right now (the message was not sent)."""
+
+
+class MessageRefused(BusUnavailable):
+    """The server answered this message with an error (the message was not sent)."""
+
+
+# Error replies that say something about the server, not about the message: every
+# write would get them until the server recovers (replica promoted, dataset loaded,
+# memory freed, disk fixed, cluster healed).
+SERVER_CONDITIONS = (
+    "LOADING",
+    "BUSY",
+    "READONLY",
+    "OOM",
+    "MISCONF",
+    "TRYAGAIN",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+    "MOVED",
+    "ASK",
+)
 
 
 @dataclass(frozen=True)
@@ -87,13 +122,28 @@ class Message:
 def encode_fields(body: Mapping[str, Any]) -> dict[str, str]:
     """Hash/stream fields: strings as they are, any other value as compact JSON."""
     return {
-        str(k): v if isinstance(v, str) else orjson.dumps(v, default=str).decode()
-        for k, v in body.items()
+        str(k): v if isinstance(v, str) else jsonutil.dumps(v).decode() for k, v in body.items()
     }
 
 
 def encode_document(body: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(dict(body), default=str)
+    return jsonutil.dumps(dict(body))
+
+
+def encode(message: Message) -> tuple[dict[str, str], bytes]:
+    """A message's hash or stream fields and its JSON document, as far as it needs them.
+
+    Encoding happens before the server is involved, so a message that cannot be
+    encoded is refused as such (`MessageRefused`), never mistaken for a bus outage.
+    """
+    try:
+        fields = encode_fields(message.body) if message.kind != "notify" else {}
+        document = (
+            encode_document(message.body) if message.kind == "notify" or message.notify else b""
+        )
+    except Exception as exc:  # noqa: BLE001 - jsonutil should not raise; if it does...
+        raise MessageRefused(f"the message cannot be encoded: {type(exc).__name__}") from None
+    return fields, document
 
 
 class Transport(Protocol):
@@ -107,16 +157,12 @@ class Transport(Protocol):
 
 
 def describe_url(url: str) -> str:
-    """The URL with any password masked, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(unparsable URL)"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return parts._replace(netloc=f"{user}:[REDACTED]@{host}").geturl()
+    """The URL with every password masked (userinfo, `?password=`, `?sentinel_password=`).
+
+    Read as written, so an unparsable URL is described as safely as a good one; a
+    long URL is cut only after its passwords are masked, never inside a mask.
+    """
+    return Redactor(url_passwords(url)).clip(mask_url(url), MAX_DESCRIPTION)
 
 
 class RedisTransport:
@@ -126,10 +172,15 @@ class RedisTransport:
 
     def __init__(self, url: Secret, *, timeout: float, client_name: str | None = None) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self._redis = redis
         self._sentinel: Any = None
         text = url.reveal()
+        # redis-py retries a failed call 10 times by default: one call could then take
+        # eleven timeouts, and retrying is the outbox's job, with its own backoff.
+        self._no_retry = Retry(NoBackoff(), 0)
         try:
             if text.startswith("redis+sentinel://"):
                 self.client = self._sentinel_client(text, timeout)
@@ -140,13 +191,12 @@ class RedisTransport:
                     socket_connect_timeout=timeout,
                     client_name=client_name,
                     health_check_interval=0,
-                    retry_on_timeout=False,
+                    retry=self._no_retry,
                 )
         except (ValueError, TypeError, redis.RedisError) as exc:
             raise ConfigError(
                 f"BAQUP_BUS_URL: cannot use {describe_url(text)}: {type(exc).__name__}"
             ) from None
-        self._errors = (redis.RedisError, OSError)
         self.description = describe_url(text)
 
     def _sentinel_client(self, text: str, timeout: float) -> Any:
@@ -179,53 +229,102 @@ class RedisTransport:
             username=username,
             db=db,
         )
-        return self._sentinel.master_for(service, socket_timeout=timeout)
+        return self._sentinel.master_for(service, socket_timeout=timeout, retry=self._no_retry)
 
     def ping(self) -> None:
         try:
-            self.client.ping()
-        except self._errors as exc:
-            raise BusUnavailable(f"{type(exc).__name__}: {_safe(exc)}") from None
+            answer = self.client.ping()
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile server causes
+            raise self._failure(exc) from None
+        if answer is not True:  # redis-py maps any reply but PONG to False
+            self._reset()
+            raise BusUnavailable("PING was not answered with PONG: not a Redis server")
 
     def send(self, message: Message) -> None:
+        fields, document = encode(message)
+        try:
+            self._send(message, fields, document)
+        except Exception as exc:  # noqa: BLE001 - the caller must know it was not sent
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: Exception) -> BusUnavailable:
+        """What a failed call means for the outbox, as one of the bus's two exceptions.
+
+        Only a Redis error reply about the message itself is `MessageRefused`; anything
+        else (lost connection, timeout, a reply that is not Redis protocol, redis-py
+        choking on one, a server-wide condition) is `BusUnavailable`. Either way the
+        connections are dropped, so a late or garbled reply left on a socket can never
+        be read later as the answer to another message.
+        """
+        self._reset()
+        reason = f"{type(exc).__name__}: {_safe(exc)}"
+        if isinstance(exc, self._redis.ResponseError):
+            code = _error_code(exc)
+            if code and code not in SERVER_CONDITIONS:
+                return MessageRefused(reason)
+        return BusUnavailable(reason)
+
+    def _reset(self) -> None:
+        # The failed call has given its connection back to the pool by now; one in use
+        # by another thread (the heartbeat's, the outbox's) is left to finish its call.
+        try:
+            self.client.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # noqa: BLE001, S110 - closing a broken socket may fail too
+            pass
+
+    def _send(self, message: Message, fields: dict[str, str], document: bytes) -> None:
         # A heartbeat always carries the same fields, so HSET alone replaces it whole: two
         # commands in one round trip, no transaction (the fleet's most frequent write).
         # Progress and status fields vary: DEL + HSET + EXPIRE in one MULTI.
         pipe = self.client.pipeline(transaction=message.kind != "heartbeat")
         if message.kind == "heartbeat":
-            pipe.hset(message.key, mapping=encode_fields(message.body))
+            pipe.hset(message.key, mapping=fields)
             if message.ttl:
                 pipe.expire(message.key, message.ttl)
         elif message.kind == "event":
-            pipe.xadd(message.key, encode_fields(message.body))
+            pipe.xadd(message.key, fields)
             if message.ttl:
                 pipe.expire(message.key, message.ttl)
         elif message.kind == "notify":
-            pipe.publish(message.key, encode_document(message.body))
-        else:  # heartbeat, progress, status: a hash replaced whole
+            pipe.publish(message.key, document)
+        else:  # progress, status: a hash replaced whole
             pipe.delete(message.key)
-            pipe.hset(message.key, mapping=encode_fields(message.body))
+            pipe.hset(message.key, mapping=fields)
             if message.ttl:
                 pipe.expire(message.key, message.ttl)
         if message.notify:
-            pipe.publish(message.notify, encode_document(message.body))
+            pipe.publish(message.notify, document)
         try:
             pipe.execute()
-        except self._errors as exc:
-            raise BusUnavailable(f"{type(exc).__name__}: {_safe(exc)}") from None
         finally:
             pipe.reset()
 
     def close(self) -> None:
         try:
             self.client.close()
-        except self._errors:
+        except Exception:  # noqa: BLE001, S110 - nothing left to report on at the end
             pass
 
 
+def _error_code(exc: Exception) -> str:
+    """The code of a Redis error reply (`WRONGTYPE`, `OOM`...), "" when it is not one.
+
+    redis-py strips the codes it knows into `status_code`, keeps unknown ones in the
+    text, and a pipeline prefixes the text with "Command # n (...) caused error: ".
+    Its own complaints about a garbled reply carry no code at all.
+    """
+    known = getattr(exc, "status_code", None)
+    if isinstance(known, str) and known:
+        return known.upper()
+    text = str(exc).rpartition("caused error: ")[2]
+    word = text.split(" ", 1)[0]
+    return word if word.isupper() and word.isalpha() else ""
+
+
 def _safe(exc: BaseException) -> str:
-    """An exception's text without anything that looks like a URL's credentials."""
-    return describe_url(str(exc)) if "://" in str(exc) else str(exc)[:300]
+    """An exception's text, URL passwords masked first, then cut to 300 characters."""
+    text = str(exc)
+    return Redactor(url_passwords(text)).clip(mask_url(text), 300)
 
 
 class FileTransport:
@@ -257,14 +356,19 @@ class FileTransport:
             raise BusUnavailable(f"{self.directory}: {exc.strerror}") from None
 
     def send(self, message: Message) -> None:
-        line = encode_document(message.body) + b"\n"
+        try:
+            line = encode_document(message.body) + b"\n"
+        except Exception as exc:  # noqa: BLE001 - as in `encode`
+            raise MessageRefused(f"the message cannot be encoded: {type(exc).__name__}") from None
         targets = [message.key] + ([message.notify] if message.notify else [])
         try:
             with self._lock:
                 for key in targets:
                     append_line(self.path_for(key), line)
         except OSError as exc:
-            raise BusUnavailable(f"{self.directory}: {exc.strerror}") from None
+            raise BusUnavailable(f"{self.directory}: {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the caller must know it was not sent
+            raise BusUnavailable(f"{self.directory}: {type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:
         pass

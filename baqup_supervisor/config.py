@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError, ValidationError
 
-from .coerce import CoercionError, coerce, shown
+from .coerce import CoercionError, coerce
 from .contract import ROLES
 from .errors import ConfigError
 from .secret import SECRET_PREFIX, Redactor, Secret
@@ -234,6 +234,16 @@ def load_agent_schema(path: Path) -> dict[str, Any]:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
         raise fail(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    return check_agent_schema(schema, str(path))
+
+
+def check_agent_schema(schema: Any, source: str) -> dict[str, Any]:
+    """Check a parsed agent schema (from a file or an image label); ConfigError naming `source`."""
+
+    def fail(message: str, keyword: str = "schema") -> ConfigError:
+        problem = Problem(SCHEMA_VARIABLE, f"{source}: {message}", keyword)
+        return ConfigError(str(problem), [problem])
+
     if not isinstance(schema, dict):
         raise fail("not a JSON Schema: the document must be an object")
     try:
@@ -357,11 +367,23 @@ def _variable_of(error: ValidationError) -> list[str]:
     return ["(environment)"]
 
 
-def _message(error: ValidationError, variable: str, value: Any, secret: bool) -> str:
+MAX_SHOWN = 80  # characters of a value quoted in a problem
+
+
+def _shown(text: str, secret: bool, redactor: Redactor) -> str:
+    """How a value is quoted in a problem: redacted, then cut; a secret not at all."""
+    if secret:
+        return "a value (hidden: secret)"
+    return repr(redactor.clip(text, MAX_SHOWN))
+
+
+def _message(
+    error: ValidationError, variable: str, value: Any, secret: bool, redactor: Redactor
+) -> str:
     """An error message that names what was expected and never shows a secret."""
     keyword = str(error.validator)
     expected: Any = error.validator_value
-    text = shown(value if isinstance(value, str) else json.dumps(value), secret)
+    text = _shown(value if isinstance(value, str) else json.dumps(value), secret, redactor)
     if keyword == "required":
         return "is required but not set"
     if keyword == "dependentRequired":
@@ -439,18 +461,24 @@ def _unknown_warnings(environ: Mapping[str, str], known: Iterable[str]) -> list[
     return warnings
 
 
-def load_config(environ: Mapping[str, str] | None = None, schema_path: str | None = None) -> Config:
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    schema_path: str | None = None,
+    *,
+    agent_schema: Mapping[str, Any] | None = None,
+) -> Config:
     """Build the configuration; problems are collected, never raised (see `raise_for_problems`).
 
     A schema file that is missing (when asked for), unreadable or invalid is itself a
     problem: it is reported, and the contract's own variables are still checked so
-    the operator sees everything at once.
+    the operator sees everything at once. `agent_schema`, an already checked schema
+    (`check_agent_schema`, e.g. read from an image label), replaces the file lookup.
     """
     env = dict(os.environ if environ is None else environ)
     redactor = Redactor.from_environ(env)
     problems: list[Problem] = []
-    agent_schema: dict[str, Any] | None = None
-    path, explicit = find_schema_path(schema_path, env)
+    given = agent_schema is not None
+    path, explicit = (None, False) if given else find_schema_path(schema_path, env)
     if path is not None:
         try:
             agent_schema = load_agent_schema(path)
@@ -473,7 +501,7 @@ def load_config(environ: Mapping[str, str] | None = None, schema_path: str | Non
         try:
             instance[name] = coerce(text, decl)
         except CoercionError as exc:
-            message = f"expected {exc.message}; got {shown(text, secret)}"
+            message = f"expected {exc.message}; got {_shown(text, secret, redactor)}"
             problems.append(Problem(name, redactor.redact(message), exc.keyword))
             instance[name] = text
             unparsable.add(name)
@@ -489,7 +517,7 @@ def load_config(environ: Mapping[str, str] | None = None, schema_path: str | Non
                 continue
             seen.add(key)
             secret = variable.startswith(SECRET_PREFIX)
-            message = _message(error, variable, instance.get(variable), secret)
+            message = _message(error, variable, instance.get(variable), secret, redactor)
             problems.append(Problem(variable, redactor.redact(message), str(error.validator)))
 
     values: dict[str, Any] = {}
@@ -518,6 +546,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Problem",
+    "check_agent_schema",
     "contract_schema",
     "find_schema_path",
     "load_agent_schema",

@@ -3,7 +3,9 @@
 Pure code fed by untrusted bytes (STYLE habit 4): `LineSplitter` turns a byte stream
 into lines with a hard cap on memory, and `parse_message` turns one line into a
 validated `ControlMessage` or a `ProtocolViolation`. Nothing here raises on bad
-input, does I/O, or keeps more than one line in memory.
+input, does I/O, or keeps more than one line in memory. A violation keeps the line
+as it came: its excerpt is cut only after the redactor has seen it (a cut first
+could keep the start of a secret).
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from typing import Any
 
 import orjson
 
+from . import jsonutil
 from .contract import LogLevel
+from .secret import Redactor
 
 MAX_LINE = 64 * 1024
+MAX_EXCERPT = 200  # characters of the offending line in a PROTOCOL_ERROR event
+MAX_TYPE_SHOWN = 40  # characters of an unknown `type` named in the reason
 TYPES = ("progress", "intent", "event", "artifact", "component", "metadata", "log")
 SEVERITIES = tuple(level.value for level in LogLevel)
 _CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -85,12 +91,36 @@ class ControlMessage:
 
 @dataclass(frozen=True)
 class ProtocolViolation:
-    reason: str
-    excerpt: str  # at most 200 characters of the offending line
+    """Why a line is not a message; the line itself is only ever shown redacted."""
+
+    reason: str  # the supervisor's words only, never text from the line
+    line: bytes = b""
+    truncated: bool = False  # the line was cut upstream (over MAX_LINE)
+    unknown_type: str | None = None  # the `type` that is not one, as the child sent it
+
+    def excerpt(self, redactor: Redactor, limit: int = MAX_EXCERPT) -> str:
+        """At most `limit` characters of the line, redacted before the cut."""
+        return excerpt(self.line, redactor, limit, truncated=self.truncated)
+
+    def describe(self, redactor: Redactor) -> str:
+        """The PROTOCOL_ERROR message: the reason and the excerpt, secrets redacted."""
+        reason = self.reason
+        if self.unknown_type is not None:
+            reason = f"{reason} {redactor.clip(self.unknown_type, MAX_TYPE_SHOWN)!r}"
+        return f"{reason}: {self.excerpt(redactor)}"
 
 
-def excerpt(line: bytes, limit: int = 200) -> str:
-    return line[: limit * 4].decode("utf-8", "replace")[:limit]
+def excerpt(
+    line: bytes, redactor: Redactor, limit: int = MAX_EXCERPT, truncated: bool = False
+) -> str:
+    """At most `limit` characters of `line`, redacted first, never the start of a secret.
+
+    Only as much of the line is decoded as a secret starting within the limit can
+    reach; what that leaves out counts as cut upstream.
+    """
+    window = 4 * (limit + redactor.reach)
+    text = line[:window].decode("utf-8", "replace")
+    return redactor.clip(text, limit, truncated=truncated or len(line) > window, marker="")
 
 
 def _number(value: Any, *, integer: bool = False, minimum: float = 0) -> bool:
@@ -172,20 +202,27 @@ def _check(kind: str, fields: Mapping[str, Any]) -> str | None:
 def parse_message(line: bytes, truncated: bool = False) -> ControlMessage | ProtocolViolation:
     """One control line to a message, or the reason it is not one."""
     if truncated or len(line) > MAX_LINE:
-        return ProtocolViolation(f"line longer than {MAX_LINE} bytes", excerpt(line))
+        return ProtocolViolation(f"line longer than {MAX_LINE} bytes", line, truncated=True)
     stripped = line.strip()
     if not stripped:
-        return ProtocolViolation("empty line", "")
+        return ProtocolViolation("empty line")
     try:
         document = orjson.loads(stripped)
     except orjson.JSONDecodeError:
-        return ProtocolViolation("not JSON", excerpt(line))
+        return ProtocolViolation("not JSON", line)
     if not isinstance(document, dict):
-        return ProtocolViolation("not a JSON object", excerpt(line))
+        return ProtocolViolation("not a JSON object", line)
     kind = document.get("type")
     if kind not in TYPES:
-        return ProtocolViolation(f"unknown type {str(kind)[:40]!r}", excerpt(line))
+        return ProtocolViolation("unknown type", line, unknown_type=_shown_type(kind))
     problem = _check(kind, document)
     if problem:
-        return ProtocolViolation(f"invalid {kind}: {problem}", excerpt(line))
+        return ProtocolViolation(f"invalid {kind}: {problem}", line)
     return ControlMessage(kind, document)
+
+
+def _shown_type(kind: Any) -> str:
+    """The unknown `type` as text: a string as it is, anything else as its JSON."""
+    if isinstance(kind, str):
+        return kind
+    return jsonutil.dumps(kind).decode("utf-8", "replace")

@@ -1,33 +1,62 @@
 """Safe tar extraction (spec section 7, "Zip Slip"): validate everything, then extract.
 
-`extract(archive, dest)` reads the archive twice. The first pass checks every
-member with the pure `check_member` and refuses the whole archive on the first
-violation, before a byte lands: absolute names, `..`, names through a symlink of
-the archive, symlinks or hard links that leave DEST, device nodes and FIFOs, and
-pathological archives (over 99% empty files). The second pass writes each member
-itself (no `extractall`), creating files with O_EXCL|O_NOFOLLOW under parents
+`extract(archive, dest)` reads the archive twice from one open file (stdin is first
+spooled to a private, unnamed temp file by `spooled`), so a name swapped meanwhile
+changes nothing. The first pass checks every member with the pure `check_member` and
+refuses the whole archive on the first violation, before a byte lands: absolute
+names, `..`, names through a symlink of the archive, symlinks or hard links that leave
+DEST, device nodes and FIFOs, names longer than DEST's filesystem allows (NAME_MAX,
+PATH_MAX), huge extended headers, corrupt or cut tar headers, and pathological
+archives (over 99% empty files). Any other name is an ordinary POSIX name (`a:b`,
+backslashes, newlines, non-UTF-8 bytes). It records a digest of each member's header
+and a CRC of its data; the second pass compares each member with that record before
+writing it (and its data after), and stops on the first difference. It writes each
+member itself (no `extractall`), creating files with O_EXCL|O_NOFOLLOW under parents
 re-checked against DEST, with setuid, setgid and sticky bits stripped. Plain, gzip,
-zstd and lz4 archives are read as streams, never whole into memory.
+zstd and lz4 archives are decoded in bounded steps (compression.DecodedReader), never
+whole into memory. An OSError (a full disk) is the contract's I/O error (74).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tarfile
+import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .compression import decompressor
-from .errors import DataError, SecurityViolation
+from .compression import CHUNK, DecodedReader
+from .errors import DataError, OutputError, SecurityViolation
+from .staging import io_error
 
 MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x1f\x8b": "gzip", b"\x04\x22\x4d\x18": "lz4"}
 ANOMALY_MIN_MEMBERS = 1000
 ANOMALY_EMPTY_RATIO = 0.99
 SPECIAL_BITS = 0o7000
+# tarfile's header errors, missing from the type stubs
+_END_OF_ARCHIVE: type[Exception] = getattr(tarfile, "EOFHeaderError")  # noqa: B009
+_CUT_HEADER: tuple[type[Exception], ...] = (
+    getattr(tarfile, "EmptyHeaderError"),  # noqa: B009
+    getattr(tarfile, "TruncatedHeaderError"),  # noqa: B009
+)
+DIGEST = 16  # bytes of blake2b per member header
+# Member data gets a CRC, not a hash: validation never judges data, only headers (names,
+# types, links, sizes), so the CRC is there to catch a concurrent change, cheaply.
+CRC = 4
+MAX_HEADER = 1024 * 1024  # a pax or GNU long-name header; PATH_MAX is 4096
+HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 
 
 @dataclass
@@ -46,7 +75,7 @@ def clean_name(name: str) -> str:
     """A member name as a normalised relative POSIX path, or SecurityViolation."""
     if not name or "\0" in name:
         raise SecurityViolation(f"invalid member name {name!r}")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+    if name.startswith("/"):  # `a:b` is an ordinary POSIX name, not a drive
         raise SecurityViolation(f"absolute member name {name!r}")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
@@ -173,54 +202,94 @@ def _parents(name: str) -> Iterator[str]:
         yield "/".join(parts[:index])
 
 
-def detect(path: Path) -> str:
-    with open(path, "rb") as handle:
-        head = handle.read(4)
+def detect(handle: IO[bytes]) -> str:
+    """The compression of an open archive, from its magic (the position is kept)."""
+    position = handle.tell()
+    head = handle.read(4)
+    handle.seek(position)
     for magic, algorithm in MAGIC.items():
         if head.startswith(magic):
             return algorithm
     return "none"
 
 
-class _Decoded:
-    """A read-only stream of a decompressed file, for tarfile's stream mode."""
+class _BoundedInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole into memory: refuse a huge one
+    before it is read (a 10 KB bomb could declare a 1 GiB header)."""
 
-    def __init__(self, raw: IO[bytes], algorithm: str) -> None:
-        self.raw = raw
-        self.decoder = decompressor(algorithm)
-        self.buffer = bytearray()
-        self.eof = False
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in HEADER_TYPES and self.size > MAX_HEADER:
+            raise DataError(
+                f"an extended header of {self.size} bytes (over {MAX_HEADER}): refusing the "
+                "archive",
+                code="ANOMALY_DETECTED",
+            )
+        proceed = getattr(super(), "_proc_member")  # noqa: B009 - private in the stubs
+        info: tarfile.TarInfo = proceed(archive)
+        return info
 
-    def read(self, size: int = -1) -> bytes:
-        while not self.eof and (size < 0 or len(self.buffer) < size):
-            chunk = self.raw.read(1024 * 1024)
-            try:
-                self.buffer += self.decoder.decompress(chunk) if chunk else self.decoder.flush()
-            except Exception as exc:  # noqa: BLE001 - any codec error is corrupt data
-                raise DataError(
-                    f"the compressed archive is corrupt ({type(exc).__name__}: {exc})"
-                ) from None
-            if not chunk:
-                self.eof = True
-                if not self.decoder.finished:
-                    raise DataError("the compressed archive is truncated", code="TRUNCATED")
-        if size < 0:
-            size = len(self.buffer)
-        out = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return out
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile, /) -> _BoundedInfo:
+        """tarfile ends an archive silently at a corrupt, cut or missing header: here only
+        the end-of-archive marker ends it; anything else is a DataError."""
+        try:
+            return super().fromtarfile(archive)
+        except _END_OF_ARCHIVE:
+            raise
+        except tarfile.HeaderError as exc:
+            raise DataError(
+                f"the tar archive is corrupt or truncated at byte {archive.offset} ({exc})",
+                code="TRUNCATED" if isinstance(exc, _CUT_HEADER) else "DATA_ERROR",
+            ) from None
 
 
 @contextmanager
-def open_archive(path: Path, compression: str = "auto") -> Iterator[tarfile.TarFile]:
-    algorithm = detect(path) if compression == "auto" else compression
-    with open(path, "rb") as raw:
-        stream = _Decoded(raw, algorithm)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
-                yield archive
-        except tarfile.TarError as exc:
-            raise DataError(f"{path}: not a readable tar archive ({exc})") from None
+def _members(handle: IO[bytes], compression: str) -> Iterator[tarfile.TarFile]:
+    """The archive in `handle`, from its start, read as a stream in bounded steps."""
+    handle.seek(0)
+    algorithm = detect(handle) if compression == "auto" else compression
+    stream = DecodedReader(handle, algorithm)
+    try:
+        with tarfile.open(  # type: ignore[call-overload]
+            fileobj=stream, mode="r|", tarinfo=_BoundedInfo, bufsize=CHUNK
+        ) as archive:
+            yield archive
+        while stream.read(CHUNK):  # the compressed stream must be whole and intact to its end
+            pass
+    except tarfile.TarError as exc:
+        raise DataError(f"not a readable tar archive ({exc})") from None
+    except OSError as exc:
+        raise io_error(exc, "reading the archive") from None
+
+
+@contextmanager
+def _opened(archive: Path | IO[bytes]) -> Iterator[IO[bytes]]:
+    """The archive as one open file, whatever happens to its name meanwhile."""
+    if not isinstance(archive, Path):
+        yield archive
+        return
+    try:
+        handle = open(archive, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise io_error(exc, f"opening {archive}") from None
+    with handle:
+        yield handle
+
+
+@contextmanager
+def spooled(source: IO[bytes], directory: str | None = None) -> Iterator[IO[bytes]]:
+    """A private copy of a stream (stdin): an unnamed temp file nobody else can open or
+    swap, so both passes read the same bytes. Removed when closed, whatever happens."""
+    try:
+        spool = tempfile.TemporaryFile(dir=directory, prefix=".baqup-extract-")  # noqa: SIM115
+        with spool:
+            while chunk := source.read(1024 * 1024):
+                spool.write(chunk)
+            spool.flush()
+            spool.seek(0)
+            yield spool
+    except OSError as exc:
+        raise io_error(exc, "spooling the archive from stdin") from None
 
 
 def _check_dest(dest_real: str, name: str, is_dir: bool, checked: set[str]) -> None:
@@ -249,18 +318,66 @@ def _check_dest(dest_real: str, name: str, is_dir: bool, checked: set[str]) -> N
             checked.add(path)
 
 
-def validate(path: Path, compression: str = "auto", dest: Path | None = None) -> Report:
+@dataclass
+class Validated:
+    """What the first pass saw: the report and, per member, a digest of its header and
+    one of its data, for the write pass to compare against."""
+
+    report: Report
+    members: bytearray = field(default_factory=bytearray)
+
+    def record(self, header: bytes, data: bytes) -> None:
+        self.members += header + data
+
+    def expected(self, index: int) -> tuple[bytes, bytes]:
+        start = index * (DIGEST + CRC)
+        if start >= len(self.members):
+            return b"", b""
+        return (
+            bytes(self.members[start : start + DIGEST]),
+            bytes(self.members[start + DIGEST : start + DIGEST + CRC]),
+        )
+
+    @property
+    def count(self) -> int:
+        return len(self.members) // (DIGEST + CRC)
+
+
+def _header_digest(member: tarfile.TarInfo) -> bytes:
+    fields = (member.name, member.type.decode("latin-1"), member.linkname, member.size)
+    text = "\0".join(str(f) for f in (*fields, member.mode, int(member.mtime)))
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=DIGEST).digest()
+
+
+def _data_digest(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    crc = 0
+    if member.isreg():
+        source = archive.extractfile(member)
+        if source is not None:
+            while chunk := source.read(CHUNK):
+                crc = zlib.crc32(chunk, crc)
+    return crc.to_bytes(CRC, "big")
+
+
+def validate(
+    archive: Path | IO[bytes], compression: str = "auto", dest: Path | None = None
+) -> Validated:
     """The first pass: every member checked, and the archive as a whole; raises on the
     first violation, before anything is written."""
     report = Report()
+    seen = Validated(report)
     index = ArchiveIndex()
+    limits = NameLimits.of(dest) if dest is not None else None
     dest_real = os.path.realpath(dest) if dest is not None and dest.exists() else None
     checked: set[str] = set()
-    with open_archive(path, compression) as archive:
-        for member in archive:
+    with _opened(archive) as handle, _members(handle, compression) as tar:
+        for member in tar:
             name = index.add(member)
+            if limits is not None and name:
+                limits.check(name, member.linkname if member.issym() else None)
             if dest_real is not None and name:
                 _check_dest(dest_real, name, member.isdir(), checked)
+            seen.record(_header_digest(member), _data_digest(tar, member))
             report.members += 1
             if member.isreg():
                 report.files += 1
@@ -276,19 +393,90 @@ def validate(path: Path, compression: str = "auto", dest: Path | None = None) ->
             "archive",
             code="ANOMALY_DETECTED",
         )
-    return report
+    return seen
 
 
-def extract(archive_path: Path, dest: Path, *, compression: str = "auto") -> Report:
-    """Validate the whole archive, then extract it into `dest` (created if needed)."""
-    checked = validate(archive_path, compression, dest)
-    dest.mkdir(parents=True, exist_ok=True)
+class NameLimits:
+    """What the filesystem of DEST accepts: NAME_MAX bytes per component, PATH_MAX
+    bytes for the whole path (with DEST) and for a symlink's target."""
+
+    def __init__(self, dest_real: str, name_max: int, path_max: int) -> None:
+        self.prefix = len(os.fsencode(dest_real)) + 1
+        self.name_max = name_max
+        self.path_max = path_max
+
+    @classmethod
+    def of(cls, dest: Path) -> NameLimits:
+        real = os.path.realpath(dest)
+        probe = real
+        while not os.path.isdir(probe):  # DEST may not exist yet: ask its nearest ancestor
+            probe = os.path.dirname(probe)
+        try:
+            return cls(real, os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX"))
+        except (OSError, ValueError):
+            return cls(real, 255, 4096)
+
+    def check(self, name: str, link_target: str | None) -> None:
+        for part in name.split("/"):
+            size = len(os.fsencode(part))
+            if size > self.name_max:
+                raise DataError(
+                    f"member {_shown(name)}: the name {_shown(part)} is {size} bytes, over the "
+                    f"{self.name_max} this filesystem allows (NAME_MAX); nothing was written",
+                    code="NAME_TOO_LONG",
+                )
+        size = self.prefix + len(os.fsencode(name))
+        if size >= self.path_max:
+            raise DataError(
+                f"member {_shown(name)}: its path in DEST is {size} bytes, over the "
+                f"{self.path_max - 1} this system allows (PATH_MAX); nothing was written",
+                code="NAME_TOO_LONG",
+            )
+        if link_target is not None and len(os.fsencode(link_target)) >= self.path_max:
+            raise DataError(
+                f"symlink {_shown(name)}: its target is over PATH_MAX; nothing was written",
+                code="NAME_TOO_LONG",
+            )
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 80 else f"{name[:60]}...{name[-15:]}")
+
+
+def extract(archive: Path | IO[bytes], dest: Path, *, compression: str = "auto") -> Report:
+    """Validate the whole archive, then extract the same bytes into `dest` (created if
+    needed): one open file for both passes, and the write pass compares each member with
+    what validation saw before writing it."""
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"DEST {dest} exists and is not a directory")
+    with _opened(archive) as handle:
+        seen = validate(handle, compression, dest)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            return _write(handle, compression, dest, seen)
+        except OSError as exc:
+            raise io_error(exc, f"extracting into {dest}") from None
+
+
+def _changed(what: str) -> DataError:
+    return DataError(
+        f"the archive changed while it was extracted ({what}); nothing more was written",
+        code="ARCHIVE_CHANGED",
+    )
+
+
+def _write(handle: IO[bytes], compression: str, dest: Path, seen: Validated) -> Report:
     dest_real = os.path.realpath(dest)
-    report = Report(members=checked.members, empty_files=checked.empty_files)
+    report = Report(members=seen.report.members, empty_files=seen.report.empty_files)
     symlinks: set[str] = set()
     directories: list[tuple[str, int, float]] = []
-    with open_archive(archive_path, compression) as archive:
+    count = 0
+    with _members(handle, compression) as archive:
         for member in archive:
+            header, data = seen.expected(count)
+            count += 1
+            if _header_digest(member) != header:
+                raise _changed(f"member {count} is not the one validated: {member.name!r}")
             name = check_member(member, symlinks)
             if not name:
                 continue
@@ -316,11 +504,15 @@ def extract(archive_path: Path, dest: Path, *, compression: str = "auto") -> Rep
                 os.link(source, target, follow_symlinks=False)
                 report.hardlinks += 1
             else:
-                _write_file(archive, member, target, mode)
+                if _write_file(archive, member, target, mode) != data:
+                    os.unlink(target)
+                    raise _changed(f"the data of {member.name!r} is not the data validated")
                 report.files += 1
                 report.bytes += member.size
             if not member.issym():
                 os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+    if count != seen.count:
+        raise _changed(f"{count} members, {seen.count} validated")
     for target, mode, mtime in reversed(directories):  # after their contents are written
         os.chmod(target, mode)
         os.utime(target, (mtime, mtime), follow_symlinks=False)
@@ -351,16 +543,20 @@ def _replace(target: str) -> None:
         os.unlink(target)
 
 
-def _write_file(archive: tarfile.TarFile, member: tarfile.TarInfo, target: str, mode: int) -> None:
+def _write_file(archive: tarfile.TarFile, member: tarfile.TarInfo, target: str, mode: int) -> bytes:
+    """Write a regular member; the CRC of the data written."""
     _replace(target)
+    crc = 0
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         source = archive.extractfile(member)
         if source is not None:
-            while chunk := source.read(1024 * 1024):
+            while chunk := source.read(CHUNK):
+                crc = zlib.crc32(chunk, crc)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
+    return crc.to_bytes(CRC, "big")

@@ -3,8 +3,10 @@
 Owns `{p}heartbeat:{agent_id}` (a hash with a TTL of 3 x interval): written every
 interval, at once on `beat_now()` (SIGUSR1, an intent change, a state change), and
 carrying the current state and intent. The fast path sends directly on the
-transport; when the bus is down the beat goes to the outbox, whose replay keeps
-only the newest heartbeat. Never raises into its caller.
+transport; when that send fails in any way (the bus down, a refusal, a garbled
+reply) the beat goes to the outbox, which buffers, retries and accounts for it like
+any other message (outbox.py); its replay keeps only the newest heartbeat. Never
+raises into its caller: not at start, before the child runs, nor from its thread.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .bus import BusUnavailable, Message, Transport
+from .bus import Message, Transport
 from .clock import utc_iso
 from .logs import Logger
 from .outbox import Outbox
@@ -89,13 +91,18 @@ class Heartbeat:
         return Message("heartbeat", self.key, self._redact(body), ttl=self.ttl)
 
     def send(self) -> None:
-        message = self.message()
+        """Beat once: on the bus, or handed to the outbox. Never raises."""
+        try:
+            message = self.message()
+        except Exception as exc:  # noqa: BLE001 - the next beat is built afresh
+            self.log.error("heartbeat not built", error=f"{type(exc).__name__}: {exc}")
+            return
         if self.outbox.connected:
             try:
                 self.transport.send(message)
                 return
-            except BusUnavailable as exc:
-                self.log.debug("heartbeat not sent; buffered", reason=str(exc))
+            except Exception as exc:  # noqa: BLE001 - any failure means "not sent"
+                self.log.debug("heartbeat not sent; handed to the outbox", reason=str(exc))
         self.outbox.put(message)
 
     def _run(self) -> None:

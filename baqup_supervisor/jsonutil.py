@@ -18,6 +18,8 @@ import orjson
 
 from .secret import REDACTED, Secret
 
+UNENCODABLE = "[unencodable: nested too deeply]"
+
 
 def _fallback(obj: Any) -> Any:
     """`default=`: anything unknown becomes its str(); a Secret its mask."""
@@ -30,17 +32,41 @@ def _fallback(obj: Any) -> Any:
     return str(obj)
 
 
-def _plain(value: Any) -> Any:
-    """A copy the standard encoder writes as valid, UTF-8-encodable JSON."""
+MAX_DEPTH = 500  # deeper subtrees are named, not written: the encoders recurse
+
+
+def _scalar(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, dict):
-        return {_plain(k if isinstance(k, str) else str(k)): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
     return value
+
+
+def _plain(value: Any) -> Any:
+    """A copy the standard encoder writes as valid UTF-8 JSON, built without recursion
+    (a structure can be deeper than the interpreter's recursion limit)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return _scalar(value)
+    root: Any = {} if isinstance(value, dict) else []
+    stack: list[tuple[Any, Any, int]] = [(value, root, 1)]
+    while stack:
+        source, target, depth = stack.pop()
+        items = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, item in items:
+            if isinstance(item, (dict, list, tuple)):
+                if depth >= MAX_DEPTH:
+                    child: Any = UNENCODABLE
+                else:
+                    child = {} if isinstance(item, dict) else []
+                    stack.append((item, child, depth + 1))
+            else:
+                child = _scalar(item)
+            if isinstance(target, dict):
+                target[_scalar(key if isinstance(key, str) else str(key))] = child
+            else:
+                target.append(child)
+    return root
 
 
 def dumps(value: Any, *, indent: bool = False) -> bytes:
@@ -59,5 +85,7 @@ def dumps(value: Any, *, indent: bool = False) -> bytes:
             ensure_ascii=False,
         )
     except (RecursionError, ValueError, TypeError):
-        return orjson.dumps(REDACTED if isinstance(value, Secret) else str(value)[:1000])
+        # deeper than the interpreter can walk (about 1000 levels): nothing of it can be
+        # spelled safely (even its repr recurses), so it is named, not written
+        return orjson.dumps(UNENCODABLE)
     return text.encode("utf-8")

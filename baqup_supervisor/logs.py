@@ -3,8 +3,11 @@
 Owns the record layout (`timestamp`, `level`, `job_id`, `agent_id`, `component`,
 `message`, `context`), the three formats (json, text, logfmt), level filtering, path
 and credential sanitising (`BAQUP_AGENT_LOG_SANITIZE`), and the last line of defence
-against secrets: every finished line passes through the `Redactor`, whatever the
-sanitising mode. A log call never raises and never interleaves with another.
+against secrets: every value of a record (message, context keys and values) passes
+through the `Redactor` before it is sanitised and rendered, whatever the mode. A
+rendered line is never redacted again: that would cut through its syntax (a numeric
+secret inside a longer number), and every line of every format must stay
+parseable. A log call never raises and never interleaves with another.
 """
 
 from __future__ import annotations
@@ -21,18 +24,17 @@ from typing import IO, Any
 from . import jsonutil
 from .clock import utc_iso
 from .contract import LogLevel
-from .secret import REDACTED, Redactor
+from .secret import REDACTED, Redactor, mask_url
 
 FORMATS = ("json", "text", "logfmt")
 SANITIZE_MODES = ("strict", "moderate", "none")
 
 # --- sanitising ------------------------------------------------------------------
 
-_URL_CREDENTIALS = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:@/]*):(?P<pw>[^\s@/]*)@"
-)
+# A key starts where a token starts (not at every `\b`, which made a long `a-a-a-...`
+# run cubic): each token is scanned once.
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<key>\b(?!BAQUP_)[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
+    r"(?i)(?P<key>(?<![\w.-])(?!BAQUP_)[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key"
     r"|private[_-]?key|credentials?)\b\s*[=:]\s*)(?P<q>[\"']?)(?P<value>[^\s\"'&,;]+)"
 )
 _BEARER = re.compile(r"(?i)\b(?P<kind>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
@@ -78,7 +80,7 @@ class Sanitizer:
         if self.mode == "none" or not text:
             return text
         text = _PRIVATE_KEY.sub(REDACTED, text)
-        text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+        text = mask_url(text)
         text = _KEY_VALUE.sub(lambda m: f"{m['key']}{m['q']}{REDACTED}", text)
         text = _BEARER.sub(lambda m: f"{m['kind']} {REDACTED}", text)
         text = _SENSITIVE_FILE.sub(lambda m: f"{m['dir']}{m['name']}/{REDACTED}", text)
@@ -109,6 +111,16 @@ def dumps(value: Any) -> bytes:
 
 
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
+_LOGFMT_KEY_UNSAFE = re.compile(r"[^\w.\-/:@]")
+# Every character a reader may split lines on (str.splitlines), written as its JSON
+# escape: inside a JSON string (the only place JSON lets one be) that is the same value.
+_LINE_BREAKS = str.maketrans(
+    {
+        "\n": "\\n",
+        "\r": "\\r",
+        **{c: f"\\u{ord(c):04x}" for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"},
+    }
+)
 _RESERVED = ("timestamp", "level", "job_id", "agent_id", "component", "message")
 
 
@@ -123,16 +135,26 @@ def _logfmt_value(value: Any) -> str:
     return dumps(text).decode()
 
 
+def _logfmt_key(key: Any) -> str:
+    """A key a logfmt reader splits right: no space, `=` or quote (each becomes `_`)."""
+    return _LOGFMT_KEY_UNSAFE.sub("_", str(key)) or "_"
+
+
 def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
     if isinstance(value, Mapping) and value:
         for key, item in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+            name = _logfmt_key(key)
+            _flatten(f"{prefix}.{name}" if prefix else name, item, out)
     else:
         out.append((prefix, value))
 
 
 def render(record: Mapping[str, Any], fmt: str) -> str:
-    """One record as one line (without the newline)."""
+    """One record as one line (without the newline), whatever its strings hold."""
+    return _render(record, fmt).translate(_LINE_BREAKS)
+
+
+def _render(record: Mapping[str, Any], fmt: str) -> str:
     if fmt == "text":
         context = record.get("context") or {}
         tail = "".join(f" {k}={_logfmt_value(v)}" for k, v in _items(context))
@@ -229,25 +251,21 @@ class Logger:
         if level < self.level:
             return
         try:
+            redact = self.redactor.redact_value
+            # Redacted first, so no sanitising rule can cut a secret and keep a piece of it.
             record: dict[str, Any] = {
                 "timestamp": utc_iso(),
                 "level": level.value,
-                "job_id": self.job_id,
-                "agent_id": self.agent_id,
-                "component": self.component,
-                # redacted before rendering (a secret's escaped spellings are caught as
-                # they are), and the rendered line again as the last line of defence
-                "message": self.redactor.redact(self.sanitizer(str(message))),
-                "context": self.redactor.redact_value(self.sanitizer.value(context))
-                if context
-                else {},
+                "job_id": redact(self.job_id),
+                "agent_id": redact(self.agent_id),
+                "component": redact(self.component),
+                "message": self.sanitizer(self.redactor.redact(str(message))),
+                "context": self.sanitizer.value(redact(context)) if context else {},
             }
-            line = self.redactor.redact(render(record, self.fmt))
-            self._sink.write(line)
+            self._sink.write(render(record, self.fmt))
         except Exception:  # noqa: BLE001 - a log call never raises
-            self._sink.write(
-                f'{{"level":"error","message":"log record dropped","component":"{self.component}"}}'
-            )
+            dropped = {"level": "error", "message": "log record dropped", "component": "logs"}
+            self._sink.write(dumps(dropped).decode())
 
     def trace(self, message: str, /, **context: Any) -> None:
         self.log(LogLevel.TRACE, message, **context)

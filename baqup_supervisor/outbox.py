@@ -1,13 +1,37 @@
 """The outbox: every bus message leaves through here, in order, and none is lost.
 
 Owns the sender thread, the fallback buffer and reconnection (spec section 3 "Bus
-Unavailability", INTERFACE.md section 4). `put` never blocks and never raises. While
-the bus is reachable, messages are sent in order. When a send fails, that message
-and every later one are appended to `$BAQUP_BUS_FALLBACK_DIR/{job_id}/buffer.jsonl`
-and fsynced before they count as sent; reconnection follows the configured backoff,
-each attempt reported as a `CONNECTION_RETRY` event; on reconnect the buffer is
-replayed in order before anything new, then removed. `drain` is the end of the job:
-it waits for the buffer to empty, retrying until the grace period runs out.
+Unavailability", INTERFACE.md sections 4 and 10). `put` never blocks and never
+raises. While the bus is reachable, messages are sent in order. A message counts as
+delivered only when the transport's send returned; a send that fails in any way
+(`BusUnavailable`, `MessageRefused`, or anything else a transport lets out) is "not
+delivered": that message and every later one are appended to
+`$BAQUP_BUS_FALLBACK_DIR/{job_id}/buffer.jsonl` and fsynced; reconnection follows
+the configured backoff, each attempt reported as a `CONNECTION_RETRY` event; on
+reconnect (a PING answered PONG) the buffer is replayed in order before anything
+new, then removed.
+
+What is retried, and what is not:
+- A bus that cannot be used (connection, timeout, garbled reply, a server-wide
+  condition such as OOM or READONLY) is retried without limit, in order, until the
+  end of the grace period: nothing is skipped, so a controller never sees a later
+  message without the earlier ones.
+- A message the server refuses as such (`MessageRefused`: WRONGTYPE, NOPERM, a
+  command error, a message that cannot be encoded) is retried like the above (the
+  retries are not reported as `CONNECTION_RETRY`: the bus answers), but after
+  `REFUSE_LIMIT` refusals in a row, with no message delivered in between, it is set
+  aside: appended to `rejected.jsonl` beside the buffer and logged, so the messages
+  after it still flow instead of waiting behind it forever. Once a key had a
+  message set aside, the next refusal of a message to that key sets it aside at
+  once (a key of the wrong type or denied by an ACL costs one round of retries, not
+  one per message); a delivery to the key lifts that.
+- A message set aside, or dropped from memory when neither the buffer file nor the
+  bus would take it, makes the job "not delivered": `drain` returns False and the
+  job ends 75 with `.baqup-status.json` (session.py), even if the status itself
+  reached the bus.
+
+`drain` is the end of the job: it waits for the buffer to empty, retrying until the
+grace period runs out.
 """
 
 from __future__ import annotations
@@ -22,10 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from . import backoff
-from .bus import BusUnavailable, Message, Transport, append_line, read_lines
+from . import backoff, jsonutil
+from .bus import BusUnavailable, Message, MessageRefused, Transport, append_line, read_lines
 from .logs import Logger
 
 
@@ -45,7 +67,7 @@ class FallbackBuffer:
         self.count = 0
 
     def append(self, message: Message) -> None:
-        append_line(self.path, orjson.dumps(message.to_json(), default=str) + b"\n")
+        append_line(self.path, jsonutil.dumps(message.to_json()) + b"\n")
         self.count += 1
 
     def messages(self) -> list[Message]:
@@ -63,7 +85,7 @@ class FallbackBuffer:
             self.remove()
             return
         tmp = self.path.with_suffix(".tmp")
-        data = b"".join(orjson.dumps(m.to_json(), default=str) + b"\n" for m in remaining)
+        data = b"".join(jsonutil.dumps(m.to_json()) + b"\n" for m in remaining)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, data)
@@ -87,6 +109,7 @@ class FallbackBuffer:
 
 _STOP = object()
 MEMORY_LIMIT = 10_000  # undelivered messages held in memory when the disk buffer fails
+REFUSE_LIMIT = 3  # refusals of one message in a row before it is set aside
 
 
 class Outbox:
@@ -112,6 +135,11 @@ class Outbox:
         self.gave_up = False
         self.buffer_failed: str | None = None  # why the fallback buffer could not be written
         self._memory: deque[Message] = deque()  # what could not be buffered on disk
+        self.rejected_path = buffer.path.with_name("rejected.jsonl")
+        self.rejected = 0  # messages refused REFUSE_LIMIT times and set aside
+        self._refusals = 0  # refusals since the last delivery: all of the head message
+        self._refused_keys: set[str] = set()  # keys whose last message was set aside
+        self._after_refusal = False  # the bus answers: retrying is no CONNECTION_RETRY
         self.lost = 0
         self.sent = 0
         self._attempt = 0
@@ -134,13 +162,15 @@ class Outbox:
 
     @property
     def undelivered(self) -> int:
-        return self._pending + self.buffer.count + len(self._memory)
+        """Messages not (yet) on the bus, including those given up on."""
+        return self._pending + self.buffer.count + len(self._memory) + self.rejected + self.lost
 
     def drain(self, grace: float) -> bool:
         """Wait until everything is delivered; keep reconnecting for `grace` seconds.
 
         True when the bus has every message; False when some are still only in the
-        fallback buffer (or not even there) after the grace period.
+        fallback buffer (or not even there) after the grace period, or were set aside
+        or dropped on the way.
         """
         deadline = time.monotonic() + grace
         self._grace_deadline = deadline
@@ -150,14 +180,24 @@ class Outbox:
             self._next_attempt = 0.0
         self._queue.put(None)  # wake the thread
         with self._idle:
-            while self._pending or self.buffer.count or self._memory:
+            # `connected` too: a replay empties the buffer a moment before it is set.
+            while self._pending or self.buffer.count or self._memory or not self.connected:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._idle.wait(min(remaining, 0.2))
-            return (
+            delivered = (
                 not self._pending and not self.buffer.count and not self._memory and self.connected
             )
+        if self.rejected or self.lost:
+            self.log.error(
+                "some messages never reached the bus; the job is reported as not delivered",
+                set_aside=self.rejected,
+                dropped=self.lost,
+                rejected=str(self.rejected_path) if self.rejected else None,
+            )
+            return False
+        return delivered
 
     def close(self) -> None:
         self._queue.put(_STOP)
@@ -185,23 +225,77 @@ class Outbox:
             wait = min(wait, 2.0)
         self._next_attempt = time.monotonic() + wait
 
+    def _send(self, message: Message) -> None:
+        """One send; returns only when the bus took the message, else raises
+        `BusUnavailable` (whatever the transport let out: nothing counts as sent)."""
+        try:
+            self.transport.send(message)
+        except BusUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a transport's bug is still "not sent"
+            raise MessageRefused(f"{type(exc).__name__}: {exc}") from None
+        self._refusals = 0
+        self._refused_keys.discard(message.key)
+        self.sent += 1
+
     def _deliver(self, message: Message) -> None:
         """Send or buffer one message; never raises."""
         if self.connected:
             try:
-                self.transport.send(message)
-                self.sent += 1
+                self._send(message)
                 return
             except BusUnavailable as exc:
+                refused = isinstance(exc, MessageRefused)
+                if refused and self._hopeless(message, exc):
+                    return
                 self.connected = False
-                self.log.warn(
-                    "bus unreachable; buffering messages",
-                    reason=str(exc),
-                    buffer=str(self.buffer.path),
-                )
+                self._after_refusal = refused
+                if not refused:
+                    self.log.warn(
+                        "bus unreachable; buffering messages",
+                        reason=str(exc),
+                        buffer=str(self.buffer.path),
+                    )
                 self._attempt = 0
                 self._schedule_retry()
         self._buffer(message)
+
+    def _hopeless(self, message: Message, exc: BusUnavailable) -> bool:
+        """Count one more refusal of the head message; True once it is set aside.
+
+        Set aside at the REFUSE_LIMIT-th refusal in a row, or at the first when the
+        last message to the same key was set aside too (a key of the wrong type, a key
+        the ACL denies): one slow round of retries per key, not per message.
+        """
+        self._refusals += 1
+        if self._refusals < REFUSE_LIMIT and message.key not in self._refused_keys:
+            self.log.warn(
+                "bus refused a message; buffering it and what follows, to retry",
+                kind=message.kind,
+                key=message.key,
+                refusal=self._refusals,
+                reason=str(exc),
+            )
+            return False
+        self._refusals = 0
+        self._refused_keys.add(message.key)
+        self._set_aside(message, str(exc))
+        return True
+
+    def _set_aside(self, message: Message, reason: str) -> None:
+        self.rejected += 1
+        self.log.error(
+            "bus refused a message; set aside so the messages after it are delivered "
+            "(the job will be reported as not delivered)",
+            kind=message.kind,
+            key=message.key,
+            reason=reason,
+            rejected=str(self.rejected_path),
+        )
+        try:
+            append_line(self.rejected_path, jsonutil.dumps(message.to_json()) + b"\n")
+        except Exception as error:  # noqa: BLE001 - logged above; the count makes it 75
+            self.log.error("set-aside message could not be written", reason=str(error))
 
     def _buffer(self, message: Message) -> None:
         """To the fallback file; once that fails, to memory (so order is kept)."""
@@ -216,6 +310,9 @@ class Outbox:
                     buffer=str(self.buffer.path),
                     reason=self.buffer_failed,
                 )
+            except Exception as exc:  # noqa: BLE001 - unencodable: the bus would refuse it too
+                self._set_aside(message, f"cannot be encoded: {type(exc).__name__}")
+                return
         self._remember(message)
 
     def _remember(self, message: Message) -> None:
@@ -238,12 +335,16 @@ class Outbox:
         if self.connected or time.monotonic() < self._next_attempt:
             return
         attempt = self._attempt
-        if self.on_retry is not None:
-            self.on_retry(attempt, self.transport.name)
+        if self.on_retry is not None and not self._after_refusal:
+            try:
+                self.on_retry(attempt, self.transport.name)
+            except Exception as exc:  # noqa: BLE001 - reporting the retry must not stop it
+                self.log.error("CONNECTION_RETRY not reported", error=f"{type(exc).__name__}")
         try:
             self.transport.ping()
             self._replay()
-        except (BusUnavailable, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is "not yet": retry later
+            self._after_refusal = isinstance(exc, MessageRefused)
             self.log.debug("bus reconnection failed", attempt=attempt, reason=str(exc))
             self._schedule_retry()
             return
@@ -254,9 +355,13 @@ class Outbox:
     def _replay(self) -> None:
         self._replay_file()
         while self._memory:
-            self.transport.send(self._memory[0])  # BusUnavailable keeps the rest
+            message = self._memory[0]
+            try:
+                self._send(message)
+            except MessageRefused as exc:  # BusUnavailable keeps the rest, in order
+                if not self._hopeless(message, exc):
+                    raise
             self._memory.popleft()
-            self.sent += 1
         self.buffer_failed = None  # everything is out: the file may be tried again
 
     def _replay_file(self) -> None:
@@ -272,16 +377,28 @@ class Outbox:
             if message.kind == "heartbeat" and latest_heartbeat[message.key] != index:
                 continue  # superseded by a newer heartbeat: stale
             try:
-                self.transport.send(message)
-            except BusUnavailable:
-                try:
-                    self.buffer.rewrite(messages[index:])
-                except OSError:  # keep the rest, in order, ahead of what memory holds
-                    self._memory.extendleft(reversed(messages[index:]))
-                    self.buffer.count = 0
+                self._send(message)
+            except BusUnavailable as exc:
+                if isinstance(exc, MessageRefused) and self._hopeless(message, exc):
+                    continue
+                self._keep(messages[index:])
                 raise
-            self.sent += 1
         self.buffer.remove()
+
+    def _keep(self, remaining: list[Message]) -> None:
+        """What a replay could not send goes back to the buffer, ahead of anything new."""
+        try:
+            self.buffer.rewrite(remaining)
+        except OSError as exc:  # keep the rest, in order, ahead of what memory holds
+            self._memory.extendleft(reversed(remaining))
+            self.buffer.count = 0
+            # New messages go to memory after them (a new file would be replayed first),
+            # and the old file must not be replayed on top of memory.
+            self.buffer_failed = exc.strerror or str(exc)
+            try:
+                self.buffer.path.unlink()
+            except OSError:
+                pass
 
     def _run(self) -> None:
         while True:
@@ -297,15 +414,20 @@ class Outbox:
                     return
                 if not self.connected:
                     self._try_reconnect()
-                if isinstance(item, Message):
-                    try:
-                        self._deliver(item)
-                    finally:
-                        with self._idle:
-                            self._pending -= 1
             except Exception as exc:  # noqa: BLE001 - the thread must never die
                 self.log.error("outbox error", error=f"{type(exc).__name__}: {exc}")
                 if not self.connected:
                     self._schedule_retry()  # never spin on a persistent failure
+            if isinstance(item, Message):
+                try:
+                    self._deliver(item)
+                except Exception as exc:  # noqa: BLE001 - never counted as delivered
+                    self.lost += 1
+                    self.log.error(
+                        "message lost", kind=item.kind, error=f"{type(exc).__name__}: {exc}"
+                    )
+                finally:
+                    with self._idle:
+                        self._pending -= 1
             with self._idle:
                 self._idle.notify_all()

@@ -4,15 +4,17 @@ Owns progress (replaced whole, at most once a second, the last always written),
 event aggregation per code (count, first and last occurrence, up to 10 sample
 paths; the first occurrence sent at once, later ones at most once a second per
 code), the `warnings_summary`, state-change notifications and the final status.
-Every message body passes the redactor before it leaves. Memory stays bounded
-whatever the child sends: at most `MAX_CODES` aggregates of bounded size.
+Every message body passes the redactor before it leaves, and every text the child
+sent is redacted before it is cut to its limit (`Redactor.clip`), so a cut never
+keeps the start of a secret. Memory stays bounded whatever the child sends: at most
+`MAX_CODES` aggregates of bounded size.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +22,14 @@ from .bus import DAY, Keys, Message
 from .clock import utc_iso
 from .contract import AgentState, LogLevel
 from .outbox import Outbox
+from .secret import Redactor
 
 PROGRESS_INTERVAL = 1.0
 EVENT_INTERVAL = 1.0
 MAX_CODES = 256
 MAX_SAMPLES = 10
-MAX_TEXT = 1000
+MAX_TEXT = 1000  # characters of an event's message or a progress's current_file
+MAX_PATH = 4096  # characters of one sample path
 OVERFLOW_CODE = "EVENT_CODES_EXCEEDED"
 PROGRESS_FIELDS = (
     "percent_complete",
@@ -34,12 +38,6 @@ PROGRESS_FIELDS = (
     "current_file",
     "estimated_remaining_seconds",
 )
-
-
-def _clip(value: Any, limit: int = MAX_TEXT) -> Any:
-    if isinstance(value, str) and len(value) > limit:
-        return value[: limit - 3] + "..."
-    return value
 
 
 @dataclass
@@ -63,13 +61,13 @@ class Reporter:
         job_id: str,
         agent_id: str,
         outbox: Outbox,
-        redact: Callable[[Any], Any],
+        redactor: Redactor,
     ) -> None:
         self.keys = keys
         self.job_id = job_id
         self.agent_id = agent_id
         self.outbox = outbox
-        self.redact = redact
+        self.redactor = redactor
         self._lock = threading.Lock()
         self._events: dict[str, _Aggregate] = {}
         self._progress: dict[str, Any] | None = None
@@ -87,7 +85,12 @@ class Reporter:
         ttl: int | None = DAY,
         notify: str | None = None,
     ) -> None:
-        self.outbox.put(Message(kind, key, self.redact(dict(body)), ttl=ttl, notify=notify))
+        body = self.redactor.redact_value(dict(body))
+        self.outbox.put(Message(kind, key, body, ttl=ttl, notify=notify))
+
+    def _clip(self, value: Any, limit: int = MAX_TEXT) -> Any:
+        """A text of the child's, redacted, then cut to `limit`; other values as they are."""
+        return self.redactor.clip(value, limit) if isinstance(value, str) else value
 
     def _identity(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "agent_id": self.agent_id}
@@ -109,7 +112,7 @@ class Reporter:
     def progress(self, fields: Mapping[str, Any], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         body: dict[str, Any] = {"type": "progress", **self._identity()}
-        body.update({k: _clip(fields[k]) for k in PROGRESS_FIELDS if k in fields})
+        body.update({k: self._clip(fields[k]) for k in PROGRESS_FIELDS if k in fields})
         body["timestamp"] = fields.get("timestamp") or utc_iso()
         with self._lock:
             self.latest_progress = body
@@ -142,6 +145,8 @@ class Reporter:
         now = time.monotonic() if now is None else now
         stamp = time.time()  # formatted only when sent
         send_now = False
+        message = self._clip(message)
+        path = self._clip(path, MAX_PATH) if path else None
         with self._lock:
             aggregate = self._events.get(code)
             if aggregate is None:
@@ -150,17 +155,17 @@ class Reporter:
                     code, severity = OVERFLOW_CODE, "warn"
                     aggregate = self._events.get(code)
                 if aggregate is None:
-                    aggregate = _Aggregate(code, severity, _clip(message), stamp, stamp)
+                    aggregate = _Aggregate(code, severity, message, stamp, stamp)
                     self._events[code] = aggregate
                     send_now = True
             aggregate.count += 1
             aggregate.last = stamp
             if message:
-                aggregate.message = _clip(message)
+                aggregate.message = message
             if _rank(severity) > _rank(aggregate.severity):
                 aggregate.severity = severity
             if path and len(aggregate.samples) < MAX_SAMPLES and path not in aggregate.samples:
-                aggregate.samples.append(_clip(path, 4096))
+                aggregate.samples.append(path)
             aggregate.dirty = True
             if not send_now and now - aggregate.last_sent >= EVENT_INTERVAL:
                 send_now = True

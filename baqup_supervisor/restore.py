@@ -1,29 +1,39 @@
 """Reading artifacts back: verification, split parts, decryption, decompression.
 
 Owns the read side of what capture.py writes, for `baqup decrypt` and for restores:
-`locate` finds an artifact in a job's manifest and verifies every part before a
-byte is used; `ConcatReader` reads numbered parts as one stream; `Feeder` streams
-it, decrypted and decompressed, into a restore child's stdin; `decoded_output`
-writes plaintext to stdout or, atomically, to a file (never a partial file).
+
+- `locate` finds exactly one artifact in a job's manifest (a NAME matching two is a
+  usage error naming both), opens each of its parts once and verifies it (size and
+  checksum) before a byte is used;
+- `Feeder` streams those same open files, decrypted and decompressed in bounded
+  steps, into a restore child's stdin. The stored bytes are hashed again as they are
+  fed, and the end of the stream (the last decoded chunk, then EOF) is held back until
+  every part matched the manifest: bytes changed on disk after `locate` never reach
+  the child as a complete stream. On any error the child's stdin is left open (no
+  EOF) until the child is gone, so it is killed mid-stream, never told "done".
+- `ConcatReader` reads numbered parts as one stream, `write_decoded` writes plaintext
+  to stdout or, atomically, to a file (never a partial file), for `baqup decrypt`.
+
+It never writes into the job dir it reads.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import select
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
-from .compression import decompressor
+from .checksum import ALGORITHMS, new_hasher
+from .compression import CHUNK, ChunkReader, DecodedReader, Readable
 from .encryption import decrypt_stream
-from .errors import DataError
+from .errors import DataError, UsageError
 from .staging import io_error
 
 
@@ -70,34 +80,34 @@ class ConcatReader:
         return bytes(out)
 
 
-@contextmanager
-def decoded_output(output: Path | None, algorithm: str) -> Iterator[Callable[[bytes], None]]:
-    """A writer of decompressed plaintext to `output` (atomic) or stdout."""
-    decoder = decompressor(algorithm)
+def write_decoded(source: Readable, output: Path | None, algorithm: str) -> None:
+    """The decompressed plaintext of `source` to `output` (atomically) or stdout."""
+    decoded = DecodedReader(source, algorithm)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp") if output else None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if tmp else sys.stdout.fileno()
-
-    def write(chunk: bytes) -> None:
-        try:
-            data = decoder.decompress(chunk)
-        except Exception as exc:  # noqa: BLE001 - any codec error is a data error
-            raise DataError(f"decompression ({algorithm}) failed: {exc}") from None
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-
     try:
-        yield write
-        write(b"")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if tmp else 1
+    except OSError as exc:
+        raise io_error(exc, f"creating {tmp}") from None
+    try:
+        while chunk := decoded.read(CHUNK):
+            _write_all(fd, chunk)
         if tmp is not None and output is not None:
             os.fsync(fd)
             os.close(fd)
             os.replace(tmp, output)
-    except BaseException:
+    except BaseException as exc:
         if tmp is not None:
             os.close(fd)
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise io_error(exc, f"writing {output or 'stdout'}") from None
         raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def stored_compression(filename: str) -> str:
@@ -123,23 +133,55 @@ def _stem(filename: str) -> str:
 
 
 @dataclass(frozen=True)
+class StoredPart:
+    """One stored file of an artifact, open (read-only, never by name again)."""
+
+    filename: str
+    fd: int
+    size: int
+    algorithm: str
+    checksum: str
+
+
+@dataclass(frozen=True)
 class StoredArtifact:
-    """An artifact of a committed job, as the manifest describes it, verified."""
+    """An artifact of a committed job, as the manifest describes it, verified.
+
+    Its parts stay open for the life of the process (close-on-exec), so every attempt
+    of a restore reads the files that were verified, whatever happens to their names.
+    """
 
     name: str
     paths: tuple[Path, ...]
     compression: str
     encrypted: bool
     size: int
+    parts: tuple[StoredPart, ...] = ()
+
+
+def _artifacts(manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's entries grouped by artifact: the parts of a split one together."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entry in manifest["artifacts"]:
+        if isinstance(entry, dict):
+            key = str(entry.get("original") or entry.get("filename"))
+            groups.setdefault(key, []).append(entry)
+    return groups
+
+
+def _matches(entry: dict[str, Any], name: str) -> bool:
+    filename = str(entry.get("filename", ""))
+    return name in (filename, entry.get("original"), _stem(filename))
 
 
 def locate(job_dir: Path, name: str) -> StoredArtifact:
-    """NAME's parts in the job's manifest, each verified (size and checksum); else DataError.
+    """NAME's parts in the job's manifest, each opened once and verified (size and
+    checksum); a UsageError if NAME matches two artifacts, else a DataError.
 
     NAME may be the manifest's filename (`db.sql.zst`), the name of a split
     artifact before its part numbers, or the name before compression (`db.sql`).
     """
-    from .verify import verify_job_dir
+    from .verify import check_artifact, check_parts, verify_job_dir
 
     report = verify_job_dir(job_dir, check_checksums=False)
     manifest_path = job_dir / "manifest.json"
@@ -150,43 +192,120 @@ def locate(job_dir: Path, name: str) -> StoredArtifact:
     manifest = orjson.loads(manifest_path.read_bytes())
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
         raise DataError(f"{manifest_path} is not a valid manifest: {report['errors'][:1]}")
-    entries = [
-        e
-        for e in manifest["artifacts"]
-        if isinstance(e, dict)
-        and name in (e.get("filename"), e.get("original"), _stem(str(e.get("filename", ""))))
-    ]
-    if not entries:
+    groups = _artifacts(manifest)
+    found = [key for key, entries in groups.items() if any(_matches(e, name) for e in entries)]
+    if not found:
         raise DataError(f"artifact {name!r} is not in the job's manifest", code="ARTIFACT_MISSING")
-    entries.sort(key=lambda e: int(e.get("part", 0)))
-    from .verify import check_artifact, check_parts
-
+    if len(found) > 1:
+        raise UsageError(
+            f"--stdin-artifact {name!r} matches {len(found)} artifacts of the manifest: "
+            f"{' and '.join(map(repr, found))}; name one by its manifest filename",
+            code="ARTIFACT_AMBIGUOUS",
+        )
+    entries = sorted(groups[found[0]], key=lambda e: int(e.get("part", 0)))
     problems = check_parts(entries)
     if entries[0].get("parts") and len(entries) != int(entries[0]["parts"]):
         problems.append(f"{name}: {len(entries)} of {entries[0]['parts']} parts in the manifest")
     root = os.path.realpath(job_dir)
     for entry in entries:
-        result = check_artifact(job_dir, root, entry, check_checksums=True)
+        result = check_artifact(job_dir, root, entry, check_checksums=False)
         problems.extend(f"{entry['filename']}: {e}" for e in result["errors"])
     if problems:
         raise DataError(
             f"artifact {name!r} failed verification: {'; '.join(problems)}",
             code="CHECKSUM_MISMATCH",
         )
+    parts = tuple(_open_verified(job_dir, entry) for entry in entries)
     return StoredArtifact(
         name=name,
-        paths=tuple(job_dir / str(e["filename"]) for e in entries),
+        paths=tuple(job_dir / p.filename for p in parts),
         compression=str(entries[0].get("compression") or "none"),
         encrypted=bool(entries[0].get("encrypted")),
-        size=sum(int(e["size_bytes"]) for e in entries),
+        size=sum(p.size for p in parts),
+        parts=parts,
     )
+
+
+def _open_verified(job_dir: Path, entry: dict[str, Any]) -> StoredPart:
+    filename = str(entry["filename"])
+    algorithm = str(entry["checksum"]["algorithm"])
+    if algorithm not in ALGORITHMS:
+        raise DataError(f"{filename}: unsupported checksum algorithm {algorithm!r}")
+    try:
+        fd = os.open(job_dir / filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise io_error(exc, f"opening {filename}") from None
+    part = StoredPart(
+        filename, fd, int(entry["size_bytes"]), algorithm, str(entry["checksum"]["value"]).lower()
+    )
+    try:
+        VerifiedParts((part,)).finish()
+    except BaseException:
+        os.close(fd)
+        raise
+    return part
+
+
+def _mismatch(part: StoredPart, what: str) -> DataError:
+    return DataError(
+        f"{part.filename}: {what}: the stored bytes are not the ones the manifest records",
+        code="CHECKSUM_MISMATCH",
+    )
+
+
+class VerifiedParts:
+    """The stored bytes of an artifact, read in order from its open parts, exactly each
+    part's recorded size, each hashed as it is read: a part whose bytes do not match the
+    manifest raises (CHECKSUM_MISMATCH) as soon as its last byte is read."""
+
+    def __init__(self, parts: Sequence[StoredPart]) -> None:
+        self._parts = list(parts)
+        self._index = 0
+        self._offset = 0
+        self._hasher = new_hasher(parts[0].algorithm) if parts else None
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size == 0:
+            return b""
+        while self._index < len(self._parts):
+            part = self._parts[self._index]
+            want = min(CHUNK if size < 0 else size, part.size - self._offset)
+            if want <= 0:
+                self._end_part(part)
+                continue
+            try:
+                data = os.pread(part.fd, want, self._offset)
+            except OSError as exc:
+                raise io_error(exc, f"reading {part.filename}") from None
+            if not data:
+                raise _mismatch(part, f"shorter than its {part.size} bytes")
+            assert self._hasher is not None
+            self._hasher.update(data)
+            self._offset += len(data)
+            return data
+        return b""
+
+    def _end_part(self, part: StoredPart) -> None:
+        assert self._hasher is not None
+        if self._hasher.hexdigest() != part.checksum:
+            raise _mismatch(part, f"{part.algorithm} mismatch")
+        self._index += 1
+        self._offset = 0
+        if self._index < len(self._parts):
+            self._hasher = new_hasher(self._parts[self._index].algorithm)
+
+    def finish(self) -> None:
+        """Every part read to its end and matched (what the decoder left is read too)."""
+        while self.read(CHUNK):
+            pass
 
 
 class Feeder:
     """Streams a verified artifact, decrypted and decompressed, into a child's stdin.
 
     Runs on its own thread (writing to a pipe blocks); counts plaintext bytes for
-    progress; records the first error instead of raising.
+    progress; records the first error instead of raising (the supervisor then kills the
+    child: its stdin is closed only once it is gone, so an error never looks like EOF).
     """
 
     def __init__(self, artifact: StoredArtifact, fd: int, key: bytes | None) -> None:
@@ -203,38 +322,60 @@ class Feeder:
         os.set_blocking(self.fd, True)
         self._thread.start()
 
-    def _chunks(self, reader: ConcatReader) -> Iterator[bytes]:
-        if self.artifact.encrypted:
-            if self.key is None:
-                raise DataError(
-                    f"{self.artifact.name} is encrypted: set the key (BAQUP_SECRET_ENCRYPTION_KEY)",
-                    code="DECRYPTION_FAILED",
-                )
-            yield from decrypt_stream(reader, self.key)
-            return
-        while chunk := reader.read(1024 * 1024):
-            yield chunk
+    def _stored(self, parts: VerifiedParts) -> Readable:
+        if not self.artifact.encrypted:
+            return parts
+        if self.key is None:
+            raise DataError(
+                f"{self.artifact.name} is encrypted: set the key (BAQUP_SECRET_ENCRYPTION_KEY)",
+                code="DECRYPTION_FAILED",
+            )
+        return ChunkReader(decrypt_stream(parts, self.key))
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        _write_all(self.fd, data)
         self.bytes += len(data)
 
-    def _run(self) -> None:
-        decoder = decompressor(self.artifact.compression)
+    def _feed(self) -> None:
+        parts = VerifiedParts(self.artifact.parts)
+        decoded = DecodedReader(self._stored(parts), self.artifact.compression)
+        held = b""
         try:
-            with ConcatReader(self.artifact.paths) as reader:
-                for chunk in self._chunks(reader):
-                    self._write(decoder.decompress(chunk))
-                self._write(decoder.flush())
+            while chunk := decoded.read(CHUNK):
+                if held:
+                    self._write(held)
+                held = chunk
+        except DataError as exc:
+            if exc.code != "CHECKSUM_MISMATCH":
+                parts.finish()  # stored bytes changed since `locate`: that is the cause
+            raise
+        parts.finish()  # raises unless every part matched: `held` and EOF never go out
+        if held:
+            self._write(held)
+
+    def _run(self) -> None:
+        try:
+            self._feed()
         except BrokenPipeError:
             self.broken_pipe = True
         except BaseException as exc:  # noqa: BLE001 - reported by the supervisor
             self.error = exc
+            _wait_for_reader_gone(self.fd)
         finally:
             try:
                 os.close(self.fd)
             except OSError:
                 pass
             self.done.set()
+
+
+def _wait_for_reader_gone(fd: int) -> None:
+    """Block until the pipe's read end is closed (the child and its group are gone)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLERR | select.POLLHUP)
+    while True:
+        try:
+            if poller.poll():
+                return
+        except OSError:
+            return

@@ -98,7 +98,11 @@ class Session:
             on_retry=self._connection_retry,
         )
         self.reporter = Reporter(
-            keys=self.keys, job_id=s.job_id, agent_id=s.agent_id, outbox=self.outbox, redact=redact
+            keys=self.keys,
+            job_id=s.job_id,
+            agent_id=s.agent_id,
+            outbox=self.outbox,
+            redactor=self.redactor,
         )
         connected = True
         try:

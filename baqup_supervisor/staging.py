@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from . import jsonutil
 from .checksum import estimate_seconds, hash_file
 from .clock import utc_iso
 from .errors import (
@@ -332,7 +333,7 @@ class Staging:
     def write_status_file(self, status: Mapping[str, Any]) -> Path:
         path = self.job_dir / STATUS_FILE
         try:
-            write_atomic(path, orjson.dumps(dict(status), option=orjson.OPT_INDENT_2, default=str))
+            write_atomic(path, jsonutil.dumps(dict(status), indent=True))
         except OSError as exc:
             raise io_error(exc, f"writing {path}") from None
         return path

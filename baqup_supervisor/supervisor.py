@@ -35,7 +35,7 @@ from .errors import (
     ShutdownRequested,
     UsageError,
 )
-from .processes import ProcessControl
+from .processes import DRAIN_AFTER_EXIT, ProcessControl  # noqa: F401 - tests read the bound here
 from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
 from .secret import Secret
 from .session import Session
@@ -166,7 +166,7 @@ class Supervisor(ProcessControl):
                     self.abort(exc)
                 return
             self.protocol_errors += 1
-            session.event("PROTOCOL_ERROR", "warn", f"{parsed.reason}: {parsed.excerpt}")
+            session.event("PROTOCOL_ERROR", "warn", parsed.describe(session.redactor))
             return
         if self.adapter is not None and stream == self.adapter_stream:
             fields = self.adapter(line)
@@ -174,7 +174,8 @@ class Supervisor(ProcessControl):
                 self.session.progress(fields)
                 return
         text = line.decode("utf-8", "replace")
-        if truncated:
+        if truncated:  # cut upstream: a trailing start of a secret is masked too
+            text = session.redactor.clip(text, len(text), truncated=True)
             self.child_log.info(text, stream=stream, truncated=True)
         else:
             self.child_log.info(text, stream=stream)

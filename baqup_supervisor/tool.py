@@ -1,23 +1,30 @@
 """The companion tool `baqup`: commands for children, operators and the controller side.
 
-Parses and dispatches only (STYLE habit 2): `emit` for shell agents, `verify`, `decrypt`,
-`extract`, `archive`, `watch` and `labels`. Each command imports what it needs when it
-runs; errors become exit codes here, as in `cli.py` for baqup-run.
+Parses and dispatches only (STYLE habit 2): `emit` for shell agents (parsed in emit.py,
+where the console script serves it without this module), `verify`, `decrypt`, `extract`,
+`archive`, `watch` and `labels`. Each command imports what it needs when it runs.
+
+Errors become exit codes here, and every failure of every command is one log record
+naming its error code (`context.code`, `category`, `exit_code`). A command whose stdout
+is a JSON report (`verify`, `extract`, `decrypt -o`) prints one on failure too, with the
+spec's `error` object; stdout that carries data (a tar, plaintext, control lines) never
+gets one.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 
 from . import __version__
-from .cli import _print_json, _report
-from .contract import ExitCode
+from .cli import _print_json
+from .contract import ExitCode, LogLevel
 from .errors import BaqupError, UsageError
 
 # --- baqup: the companion tool ------------------------------------------------------
@@ -68,184 +75,92 @@ def reference() -> None:
 
 
 def tool_run(argv: Sequence[str] | None = None) -> int:
+    """`baqup` as a function: the exit code for this command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["emit"]:
+        from .emit import run
+
+        return run(args[1:])
+    command = next((a for a in args if not a.startswith("-")), "")
     try:
-        result = tool.main(
-            list(sys.argv[1:] if argv is None else argv), prog_name="baqup", standalone_mode=False
-        )
+        result = tool.main(args, prog_name="baqup", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.ClickException as exc:
-        click.echo(f"baqup: {exc.format_message()}", err=True)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.format_message(), err=True)
         return int(ExitCode.USAGE_CONFIG_ERROR)
     except click.exceptions.Abort:
         return int(ExitCode.GENERAL_FAILURE)
-    except BaqupError as exc:
-        _report(exc, int(exc.exit_code))
-        return int(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the edge
-        _report(exc, int(ExitCode.INTERNAL_ERROR))
-        return int(ExitCode.INTERNAL_ERROR)
+        return report_failure(exc, command=command)
 
 
 def tool_main() -> NoReturn:
     sys.exit(tool_run())
 
 
+def as_error(exc: BaseException) -> BaqupError:
+    """Any failure as the contract's error: its code, category and exit code."""
+    if isinstance(exc, BaqupError):
+        return exc
+    if isinstance(exc, click.ClickException):
+        return UsageError(exc.format_message())
+    if isinstance(exc, OSError):
+        from .staging import io_error
+
+        return io_error(exc, str(exc.filename) if exc.filename else "baqup")
+    return BaqupError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
+def report_failure(exc: BaseException, *, command: str) -> int:
+    """The one log record of a failed `baqup` command, naming its error code; the exit code."""
+    from .logs import logger_from_environ
+    from .secret import Redactor
+
+    error = as_error(exc)
+    log = logger_from_environ(os.environ, Redactor.from_environ(os.environ)).bind(component="baqup")
+    context: dict[str, Any] = {
+        "command": command,
+        "code": error.code,
+        "category": str(error.category),
+        "exit_code": int(error.exit_code),
+    }
+    problems = getattr(error, "problems", None)
+    if problems:
+        context["problems"] = [p.as_dict() if hasattr(p, "as_dict") else str(p) for p in problems]
+    level = LogLevel.FATAL if error.exit_code == ExitCode.INTERNAL_ERROR else LogLevel.ERROR
+    log.log(level, error.message or type(error).__name__, **context)
+    return int(error.exit_code)
+
+
+@contextmanager
+def json_report(**fields: Any) -> Iterator[None]:
+    """A command whose stdout is a JSON report still prints one when it fails: these
+    fields and the `error` object (spec section 5), then the failure goes to the edge."""
+    try:
+        yield
+    except Exception as exc:
+        error = as_error(exc)
+        _print_json({**fields, "error": error.to_error()})
+        if error is exc:
+            raise
+        raise error from exc
+
+
 # --- baqup emit ----------------------------------------------------------------------
 
 
-@tool.group()
-def emit() -> None:
+@tool.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def emit(args: tuple[str, ...]) -> int:
     """Write a control message to $BAQUP_CONTROL_FD (for shell agents under baqup-run)."""
+    from .emit import run
 
-
-@emit.command("progress")
-@click.option("--percent", type=click.FloatRange(0, 100), help="Percent complete.")
-@click.option("--bytes", "bytes_", type=click.IntRange(min=0), help="Bytes processed.")
-@click.option("--files", type=click.IntRange(min=0), help="Files processed.")
-@click.option("--current-file", help="The file being processed.")
-@click.option("--eta", type=click.FloatRange(min=0), help="Estimated seconds remaining.")
-def emit_progress(
-    percent: float | None,
-    bytes_: int | None,
-    files: int | None,
-    current_file: str | None,
-    eta: float | None,
-) -> None:
-    """Report progress."""
-    from .emit import drop_none, write_message
-
-    write_message(
-        drop_none(
-            {
-                "type": "progress",
-                "percent_complete": percent,
-                "bytes_processed": bytes_,
-                "files_processed": files,
-                "current_file": current_file,
-                "estimated_remaining_seconds": eta,
-            }
-        )
-    )
-
-
-@emit.command("intent")
-@click.argument("operation", required=False)
-@click.option(
-    "--expected-seconds",
-    type=click.FloatRange(min=0),
-    help="How long the operation is expected to take.",
-)
-@click.option("--detail", help="What the operation works on.")
-@click.option("--clear", is_flag=True, help="Clear the current intent.")
-def emit_intent(
-    operation: str | None, expected_seconds: float | None, detail: str | None, clear: bool
-) -> None:
-    """Declare a long operation (carried in every heartbeat), or --clear it."""
-    from .emit import drop_none, write_message
-
-    if clear == bool(operation):
-        raise UsageError("give an OPERATION or --clear (not both)")
-    if clear:
-        write_message({"type": "intent", "operation": None})
-        return
-    write_message(
-        {
-            "type": "intent",
-            "operation": operation,
-            **drop_none({"expected_duration_seconds": expected_seconds, "detail": detail}),
-        }
-    )
-
-
-@emit.command("event")
-@click.argument("code")
-@click.option(
-    "--severity",
-    type=click.Choice(["trace", "debug", "info", "warn", "error", "fatal"]),
-    default="warn",
-    show_default=True,
-)
-@click.option("--message", "-m", help="What happened.")
-@click.option("--path", help="The file or resource concerned.")
-def emit_event(code: str, severity: str, message: str | None, path: str | None) -> None:
-    """Report an event (aggregated per CODE, e.g. PERMISSION_DENIED)."""
-    from .emit import drop_none, write_message
-
-    write_message(
-        drop_none(
-            {"type": "event", "code": code, "severity": severity, "message": message, "path": path}
-        )
-    )
-
-
-@emit.command("artifact")
-@click.argument("filename")
-@click.option("--compression", help="zstd, gzip, lz4 or none [default: from the suffix].")
-def emit_artifact(filename: str, compression: str | None) -> None:
-    """Declare FILENAME (relative to $BAQUP_WORK_DIR) an artifact."""
-    from .emit import drop_none, write_message
-
-    write_message(drop_none({"type": "artifact", "filename": filename, "compression": compression}))
-
-
-@emit.command("component")
-@click.argument("name")
-@click.option("--status", type=click.Choice(["success", "failed"]), required=True)
-@click.option("--artifact", help="The component's artifact (relative to $BAQUP_WORK_DIR).")
-@click.option("--error", "error_code", help="Error code of a failed component.")
-@click.option("--error-message", help="Error message of a failed component.")
-def emit_component(
-    name: str, status: str, artifact: str | None, error_code: str | None, error_message: str | None
-) -> None:
-    """Report one component's result (for partial failure)."""
-    from .emit import drop_none, write_message
-
-    error = drop_none({"code": error_code, "message": error_message}) or None
-    write_message(
-        drop_none(
-            {
-                "type": "component",
-                "name": name,
-                "status": status,
-                "artifact": artifact,
-                "error": error,
-            }
-        )
-    )
-
-
-@emit.command("metadata")
-@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
-def emit_metadata(pairs: tuple[str, ...]) -> None:
-    """Merge KEY=VALUE pairs into the manifest's source_metadata (JSON values allowed)."""
-    from .emit import parse_pairs, write_message
-
-    write_message({"type": "metadata", "source_metadata": parse_pairs(pairs, "metadata")})
-
-
-@emit.command("log")
-@click.argument("message")
-@click.option(
-    "--level",
-    type=click.Choice(["trace", "debug", "info", "warn", "error", "fatal"]),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--context", "pairs", multiple=True, metavar="KEY=VALUE", help="Context fields (repeatable)."
-)
-def emit_log(message: str, level: str, pairs: tuple[str, ...]) -> None:
-    """Log MESSAGE as a structured record of the job."""
-    from .emit import parse_pairs, write_message
-
-    write_message(
-        {
-            "type": "log",
-            "level": level,
-            "message": message,
-            "context": parse_pairs(pairs, "--context"),
-        }
-    )
+    # Only `baqup --help` and callers of `tool_run` get here; the console script
+    # serves `baqup emit` in emit.py without importing click at all.
+    return run(args)
 
 
 # --- baqup verify, decrypt --------------------------------------------------------------
@@ -257,13 +172,35 @@ def emit_log(message: str, level: str, pairs: tuple[str, ...]) -> None:
 def verify(job_dir: Path, no_checksums: bool) -> int:
     """Check a committed job dir: manifest, every artifact, sizes and checksums.
 
-    Prints a JSON report; exits 0 when valid, 65 when incomplete or corrupt.
+    Prints a JSON report; exits 0 when valid, 65 when incomplete or corrupt, 74 when a
+    file could not be read. An invalid report's `error` names the first problem's code
+    (CHECKSUM_MISMATCH, TRUNCATED, ARTIFACT_MISSING, MANIFEST_MISSING, ...).
     """
     from .verify import verify_job_dir
 
-    report = verify_job_dir(job_dir, check_checksums=not no_checksums)
+    with json_report(job_dir=str(job_dir), valid=False):
+        report = verify_job_dir(job_dir, check_checksums=not no_checksums)
     _print_json(report)
-    return int(ExitCode.SUCCESS if report["valid"] else ExitCode.DATA_ERROR)
+    if report["valid"]:
+        return int(ExitCode.SUCCESS)
+    error = report["error"]
+    return _log_report_error(error, command="verify")
+
+
+def _log_report_error(error: dict[str, Any], *, command: str) -> int:
+    """The log record of a failure already described by a report's `error` object."""
+    from .logs import logger_from_environ
+    from .secret import Redactor
+
+    log = logger_from_environ(os.environ, Redactor.from_environ(os.environ)).bind(component="baqup")
+    log.error(
+        str(error["message"]),
+        command=command,
+        code=error["code"],
+        category=error["category"],
+        exit_code=error["exit_code"],
+    )
+    return int(error["exit_code"])
 
 
 @tool.command()
@@ -288,20 +225,30 @@ def verify(job_dir: Path, no_checksums: bool) -> int:
     help="Also decompress (auto: from the file name before .enc).",
 )
 def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompress: str) -> int:
-    """Decrypt an encrypted artifact (its PARTS in order); fail loudly on any tampering."""
+    """Decrypt an encrypted artifact (its PARTS in order); fail loudly on any tampering.
+
+    A failure is logged with its code (DECRYPTION_FAILED, TRUNCATED, ...); with
+    --output, stdout (not the plaintext's channel then) also gets a JSON report of it.
+    """
+    from .compression import ChunkReader
     from .encryption import decrypt_stream, parse_key
-    from .restore import ConcatReader, decoded_output
+    from .restore import ConcatReader, write_decoded
     from .secret import Secret
 
-    key = parse_key(Secret(os.environ.get(key_env, "")), key_env)
-    algorithm = decompress
-    if algorithm == "auto":
-        from .restore import stored_compression
+    reported = (
+        json_report(parts=[str(p) for p in parts], output=str(output))
+        if output is not None
+        else nullcontext()
+    )
+    with reported:
+        key = parse_key(Secret(os.environ.get(key_env, "")), key_env)
+        algorithm = decompress
+        if algorithm == "auto":
+            from .restore import stored_compression
 
-        algorithm = stored_compression(parts[0].name)
-    with ConcatReader(parts) as reader, decoded_output(output, algorithm) as sink:
-        for chunk in decrypt_stream(reader, key):
-            sink(chunk)
+            algorithm = stored_compression(parts[0].name)
+        with ConcatReader(parts) as reader:
+            write_decoded(ChunkReader(decrypt_stream(reader, key)), output, algorithm)
     return int(ExitCode.SUCCESS)
 
 
@@ -331,12 +278,21 @@ def watch_command(
 
     Exits with the job's exit code once its status arrives.
     """
+    import redis
+
+    from .errors import ResourceUnavailable
     from .secret import Secret
     from .watch import open_source, watch
 
-    source = open_source(Secret(bus_url), prefix, job_id, timeout=5.0)
-    tty = sys.stdout.isatty() and not as_json
-    return watch(source, out=sys.stdout, tty=tty, interval=interval, timeout=timeout)
+    try:
+        source = open_source(Secret(bus_url), prefix, job_id, timeout=5.0)
+        tty = sys.stdout.isatty() and not as_json
+        return watch(source, out=sys.stdout, tty=tty, interval=interval, timeout=timeout)
+    except redis.RedisError as exc:
+        # the bus being down is the controller's transient condition (69), not a bug (70)
+        raise ResourceUnavailable(
+            f"the bus is unreachable: {exc}", code="BUS_UNREACHABLE"
+        ) from None
 
 
 @tool.command("extract")
@@ -353,52 +309,60 @@ def extract_command(archive: Path, dest: Path, compression: str) -> int:
 
     Refused: absolute names, '..', paths through a symlink, links leaving DEST, device
     nodes, FIFOs, pathological archives. setuid/setgid bits are stripped. Exit 65 on a
-    refusal (reported as a SECURITY_VIOLATION event when run under baqup-run). ARCHIVE
-    `-` reads stdin, spooled first to a temp file ($BAQUP_WORK_DIR under baqup-run),
-    since every member is validated before anything is written.
+    refusal, whose code (SECURITY_VIOLATION, TRUNCATED, ANOMALY_DETECTED, ...) is in
+    the log record, in the JSON report's `error` on stdout and, under baqup-run, in an
+    event. ARCHIVE `-` reads stdin, spooled first to a private unnamed temp file
+    ($BAQUP_WORK_DIR under baqup-run), since every member is validated before anything
+    is written.
     """
-    import tempfile
+    shown_as = str(archive)
+    with json_report(archive=shown_as, dest=str(dest)), _event_on_failure(shown_as):
+        if shown_as == "-":
+            from .extract import spooled
 
-    if str(archive) == "-":
-        spool_dir = os.environ.get("BAQUP_WORK_DIR") or None
-        with tempfile.NamedTemporaryFile(dir=spool_dir, prefix=".baqup-extract-") as spool:
-            while chunk := sys.stdin.buffer.read(1024 * 1024):
-                spool.write(chunk)
-            spool.flush()
-            return _extract(Path(spool.name), dest, compression, shown_as="-")
-    if not archive.is_file():
-        raise UsageError(f"archive not found: {archive}")
-    return _extract(archive, dest, compression, shown_as=str(archive))
+            spool_dir = os.environ.get("BAQUP_WORK_DIR") or None
+            with spooled(sys.stdin.buffer, spool_dir) as spool:
+                report = _extract(spool, dest, compression)
+        else:
+            if not archive.is_file():
+                raise UsageError(f"archive not found: {archive}", code="ARCHIVE_MISSING")
+            report = _extract(archive, dest, compression)
+    _print_json({"archive": shown_as, "dest": str(dest), **report})
+    return int(ExitCode.SUCCESS)
 
 
-def _extract(archive: Path, dest: Path, compression: str, *, shown_as: str) -> int:
+def _extract(archive: Path | IO[bytes], dest: Path, compression: str) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from .errors import SecurityViolation
     from .extract import extract
 
+    return asdict(extract(archive, dest, compression=compression))
+
+
+@contextmanager
+def _event_on_failure(path: str) -> Iterator[None]:
+    """Under baqup-run, a failure is also an event of the job (best effort)."""
     try:
-        report = extract(archive, dest, compression=compression)
-    except BaqupError as exc:
-        _emit_event_if_supervised(
-            "SECURITY_VIOLATION" if isinstance(exc, SecurityViolation) else exc.code,
-            exc.message,
-            shown_as,
-        )
+        yield
+    except Exception as exc:
+        error = as_error(exc)
+        _emit_event_if_supervised(error.code, error.message, path)
         raise
-    _print_json({"archive": shown_as, "dest": str(dest), **asdict(report)})
-    return int(ExitCode.SUCCESS)
 
 
 def _emit_event_if_supervised(code: str, message: str, path: str) -> None:
     """Under baqup-run, tell the supervisor too (best effort, never fails the command)."""
     if "BAQUP_CONTROL_FD" in os.environ:
+        from .secret import Redactor
+
         _supervised_emit(
             {
                 "type": "event",
                 "code": code,
                 "severity": "error",
-                "message": message[:1000],
+                # redacted before the cut: the supervisor cannot mask a secret's start it
+                # receives already cut
+                "message": Redactor.from_environ(os.environ).clip(message, 1000),
                 "path": path,
             }
         )
@@ -501,5 +465,13 @@ def _supervised_emit(message: dict[str, Any]) -> None:
 
     try:
         write_message(message)
-    except BaqupError:
+    except (BaqupError, TypeError, ValueError):
         pass
+
+
+# --- baqup inspect, preflight (preflight.py) -------------------------------------------
+
+from .preflight import inspect_command, preflight_command  # noqa: E402 - registered last
+
+tool.add_command(inspect_command)
+tool.add_command(preflight_command)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .secret import Redactor
+
 SPANS = (
     "agent.init",
     "agent.connect_source",
@@ -49,7 +51,14 @@ class OtelTracer(NullTracer):
     enabled = True
 
     def __init__(
-        self, endpoint: str, *, service: str, job_id: str, agent_id: str, trace_parent: str | None
+        self,
+        endpoint: str,
+        *,
+        service: str,
+        job_id: str,
+        agent_id: str,
+        trace_parent: str | None,
+        redactor: Redactor | None = None,
     ) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
@@ -69,6 +78,7 @@ class OtelTracer(NullTracer):
         self._context = TraceContextTextMapPropagator().extract(carrier)
         self._open: dict[str, Any] = {}
         self._attributes = {"baqup.job_id": job_id, "baqup.agent_id": agent_id}
+        self._redactor = redactor or Redactor()
 
     @contextmanager
     def span(self, name: str, **attributes: Any) -> Iterator[None]:
@@ -94,7 +104,11 @@ class OtelTracer(NullTracer):
         if span is None:
             return
         if error is not None:
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:300]))
+            span.set_status(
+                Status(
+                    StatusCode.ERROR, self._redactor.clip(f"{type(error).__name__}: {error}", 300)
+                )
+            )
         span.end()
 
     def shutdown(self) -> None:
@@ -109,7 +123,7 @@ def _bridge_logging(log: Any) -> None:
 
     class Bridge(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            log.warn(f"tracing: {record.getMessage()}"[:500], logger=record.name)
+            log.warn(log.redactor.clip(f"tracing: {record.getMessage()}", 500), logger=record.name)
 
     otel = logging.getLogger("opentelemetry")
     otel.handlers = [Bridge(logging.WARNING)]
@@ -144,6 +158,7 @@ def make_tracer(
             job_id=job_id,
             agent_id=agent_id,
             trace_parent=values.get("BAQUP_JOB_TRACE_PARENT"),
+            redactor=getattr(log, "redactor", None),
         )
         if log is not None:
             _bridge_logging(log)

@@ -329,6 +329,8 @@ def assert_unreported_status(env: Mapping[str, str]) -> dict[str, Any]:
 
 def assert_status_buffered(env: Mapping[str, str]) -> None:
     """The final status waits in the buffer, after every step (only retries follow it)."""
+    # "job success" is logged a moment before the status is handed to the outbox
+    wait_for(lambda: any(m["kind"] == "status" for m in buffered(env)), 10, what="status buffered")
     kinds = [(m["kind"], str(m["body"].get("code", ""))) for m in buffered(env)]
     assert ("status", "") in kinds, kinds
     after = kinds[kinds.index(("status", "")) + 1 :]

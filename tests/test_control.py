@@ -24,8 +24,10 @@ from baqup_supervisor.control import (
     ProtocolViolation,
     parse_message,
 )
+from baqup_supervisor.secret import Redactor
 
 MiB = 1024 * 1024
+PLAIN = Redactor()  # no secrets: the excerpt is the line's start as it came
 
 
 def feed_all(splitter: LineSplitter, chunks: Iterable[bytes]) -> list[tuple[bytes, bool]]:
@@ -48,8 +50,8 @@ def line(document: Any) -> bytes:
 def violation(raw: bytes, truncated: bool = False) -> ProtocolViolation:
     parsed = parse_message(raw, truncated)
     assert isinstance(parsed, ProtocolViolation), (raw[:200], parsed)
-    assert isinstance(parsed.excerpt, str)
-    assert len(parsed.excerpt) <= 200
+    assert isinstance(parsed.excerpt(PLAIN), str)
+    assert len(parsed.excerpt(PLAIN)) <= 200
     assert parsed.reason
     return parsed
 
@@ -137,7 +139,7 @@ def test_invalid_utf8_passes_through_as_bytes_and_never_raises() -> None:
     assert got == [(b"ok", False), (b"\xff\xfe\xc3\x28 broken", False), (b"\x80", False)]
     for raw, truncated in got[1:]:
         parsed = violation(raw, truncated)
-        parsed.excerpt.encode("utf-8")  # a clean str, replacement characters allowed
+        parsed.excerpt(PLAIN).encode("utf-8")  # a clean str, replacement characters allowed
 
 
 def test_crlf_lines_split_on_lf_and_still_parse() -> None:
@@ -334,7 +336,7 @@ def test_invalid_fields_are_protocol_violations(name: str, document: dict[str, A
     raw = line(document)
     parsed = violation(raw)
     assert document["type"] in parsed.reason, (name, parsed.reason)
-    assert parsed.excerpt == raw.decode()[:200]
+    assert parsed.excerpt(PLAIN) == raw.decode()[:200]
 
 
 def test_every_type_has_an_invalid_case() -> None:
@@ -366,7 +368,7 @@ def test_not_json(raw: bytes) -> None:
 def test_not_an_object(raw: bytes) -> None:
     parsed = violation(raw)
     assert "object" in parsed.reason
-    assert parsed.excerpt == raw.decode()
+    assert parsed.excerpt(PLAIN) == raw.decode()
 
 
 @pytest.mark.parametrize(
@@ -388,12 +390,12 @@ def test_over_64_kib_valid_json_is_a_violation_with_a_short_excerpt() -> None:
     assert len(raw) > MAX_LINE
     parsed = violation(raw)
     assert str(MAX_LINE) in parsed.reason or "long" in parsed.reason
-    assert parsed.excerpt == raw.decode()[:200]
+    assert parsed.excerpt(PLAIN) == raw.decode()[:200]
 
 
 def test_a_truncated_line_is_a_violation_even_if_it_parses() -> None:
     parsed = violation(b'{"type":"log","message":"x"}', truncated=True)
-    assert len(parsed.excerpt) <= 200
+    assert len(parsed.excerpt(PLAIN)) <= 200
 
 
 def test_exactly_64_kib_is_accepted() -> None:
@@ -418,7 +420,7 @@ def test_exactly_64_kib_is_accepted() -> None:
 )
 def test_excerpt_is_at_most_200_characters(raw: bytes) -> None:
     parsed = violation(raw)
-    assert 0 < len(parsed.excerpt) <= 200
+    assert 0 < len(parsed.excerpt(PLAIN)) <= 200
 
 
 def test_parse_never_raises_on_random_bytes() -> None:
@@ -430,4 +432,4 @@ def test_parse_never_raises_on_random_bytes() -> None:
         parsed = parse_message(raw)
         assert isinstance(parsed, (ControlMessage, ProtocolViolation))
         if isinstance(parsed, ProtocolViolation):
-            assert len(parsed.excerpt) <= 200
+            assert len(parsed.excerpt(PLAIN)) <= 200

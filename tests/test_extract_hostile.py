@@ -208,7 +208,10 @@ def assert_refused_by_cli(result: subprocess.CompletedProcess[bytes], needle: st
     stderr = result.stderr.decode(errors="replace")
     assert result.returncode == 65, f"exit {result.returncode}; stderr:\n{stderr}"
     assert "Traceback" not in stderr, stderr
-    assert result.stdout == b"", "a refused archive must print no report"
+    # a refusal's report is its error alone (issue #14 item 7), never a success report
+    report = json.loads(result.stdout)
+    assert set(report) == {"archive", "dest", "error"}, report
+    assert report["error"]["exit_code"] == 65
     errors = [r for r in log_records(stderr) if r.get("level") == "error"]
     assert errors, f"no JSON error record on stderr:\n{stderr}"
     assert errors[-1]["context"].get("exit_code") == 65

@@ -56,7 +56,7 @@ KEY_HEX = KEY.hex()
 KEY_ID = "backup-key-2024-11"
 HASH_CLI = {"sha256": "sha256sum", "sha512": "sha512sum", "blake3": "b3sum"}
 SUFFIX = {"zstd": ".zst", "gzip": ".gz", "lz4": ".lz4", "none": ""}
-ENC_HEADER_SIZE = 32
+ENC_HEADER_SIZE = 62  # baqup-stream-v2
 ENC_TAG_SIZE = 16
 ENC_ALGORITHM_ID = {"aes-256-gcm": 1, "chacha20-poly1305": 2}
 
@@ -222,7 +222,7 @@ def test_round_trip(
             assert not {"part", "parts", "original"} & entry.keys()
         if encryption:
             assert entry["encryption"] == {
-                "format": "baqup-stream-v1",
+                "format": "baqup-stream-v2",
                 "algorithm": encryption,
                 "key_id": KEY_ID,
             }

@@ -13,16 +13,20 @@ baqup emit intent list_files --expected-seconds 30 --detail "$src"
 done=0
 : > "$out"
 find "$src" -type f | while IFS= read -r file; do
+  # a JSON string's body: backslash, double quote and tab escaped
+  escaped=$(printf '%s' "$file" | sed 's/\\/\\\\/g; s/"/\\"/g; s/	/\\t/g')
   if [ -r "$file" ]; then
     size=$(wc -c < "$file")
-    escaped=$(printf '%s' "$file" | sed 's/\\/\\\\/g; s/"/\\"/g')
     printf '{"path":"%s","size":%s}\n' "$escaped" "$size" >> "$out"
   else
     baqup emit event PERMISSION_DENIED --path "$file" --message "not readable"
   fi
   done=$((done + 1))
-  baqup emit progress --files "$done" --percent "$((done * 100 / (total > 0 ? total : 1)))" \
-    --current-file "$file"
+  # Once per file, so the line is written by the shell's own printf: `baqup emit`
+  # would start a Python interpreter for each file. baqup-run checks the line as it
+  # checks baqup emit's (a bad one is a PROTOCOL_ERROR warning, never fatal).
+  printf '{"type":"progress","files_processed":%d,"percent_complete":%d,"current_file":"%s"}\n' \
+    "$done" "$((done * 100 / (total > 0 ? total : 1)))" "$escaped" >&"$BAQUP_CONTROL_FD"
 done
 baqup emit intent --clear
 baqup emit artifact listing.jsonl
