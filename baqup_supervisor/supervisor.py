@@ -35,7 +35,7 @@ from .errors import (
     ShutdownRequested,
     UsageError,
 )
-from .processes import DRAIN_AFTER_EXIT, ProcessControl  # noqa: F401 - tests read the bound here
+from .processes import ProcessControl
 from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
 from .secret import Secret
 from .session import Session
