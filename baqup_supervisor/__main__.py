@@ -1,6 +1,6 @@
 """`python -m baqup_supervisor` is `baqup-run`."""
 
-from .cli import run_main
+from .entry import main  # first: it blocks the job's signals before any other import
 
 if __name__ == "__main__":
-    run_main()
+    main()

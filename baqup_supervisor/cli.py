@@ -191,7 +191,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def run_main() -> NoReturn:
-    from .signals import catch_early
+    from .signals import block_job_signals
 
-    catch_early()
+    block_job_signals()  # entry.py did it already; a caller of run_main alone gets it here
     sys.exit(run())

@@ -24,7 +24,7 @@ from .errors import BaqupError, JobFailed, ShutdownRequested, UsageError
 from .logs import Logger, logger_from_environ
 from .session import Session
 from .settings import Settings
-from .signals import JOB_SIGNALS, SignalRouter
+from .signals import SignalRouter
 from .supervisor import Supervisor
 from .tracing import keep_out as keep_out_tracing
 
@@ -109,9 +109,9 @@ def run_job(request: RunRequest) -> int:
 
 def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
     subreaper = set_child_subreaper()
-    router = SignalRouter(JOB_SIGNALS, on_error=lambda exc: log.error(f"signal handling: {exc}"))
-    for signum in JOB_SIGNALS:
-        router.route(signum, supervisor.on_signal)
+    router = SignalRouter(
+        supervisor.on_signal, on_error=lambda exc: log.error(f"signal handling: {exc}")
+    )
     error: BaseException | None = None
     with router:
         try:

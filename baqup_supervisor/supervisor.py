@@ -1,10 +1,10 @@
 """The supervisor: one command run as one compliant baqup job.
 
 Owns the RUNNING phase of a command: spawning the child (child.py), the event loop
-over its stdout, stderr and control pipes, signals (SIGTERM/SIGINT abort with a
-grace period, a second one escalates; SIGUSR1 beats; SIGHUP/SIGQUIT/SIGUSR2 are
-forwarded to the group), the job and stall timeouts, and retries of a child that
-exits with a retriable code. Everything about reporting and the end of the job is
+over its stdout, stderr and control pipes, the job and stall timeouts, and retries of
+a child that exits with a retriable code. What signals do and how the job's processes
+end (grace, SIGKILL, descendants, a stopped child, the terminal) is processes.py's,
+a mixin of `Supervisor`. Everything about reporting and the end of the job is
 the session's (session.py), which the in-process SDK shares.
 """
 
@@ -15,15 +15,13 @@ import select
 import selectors
 import signal
 import string
-import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import backoff
 from .adapters import ADAPTERS, Adapter
-from .child import Child, Reaper, describe_exit, spawn
+from .child import describe_exit, spawn
 from .clock import utc_iso
 from .compression import choose
 from .control import ControlMessage, LineSplitter, parse_message
@@ -37,9 +35,11 @@ from .errors import (
     ShutdownRequested,
     UsageError,
 )
+from .processes import ProcessControl
 from .resources import Limit, ResourceLimitExceeded, memory_limit, tree_rss
 from .secret import Secret
 from .session import Session
+from .signals import describe
 from .staging import safe_relative
 
 if TYPE_CHECKING:  # imported where used: a plain job never pays for them
@@ -54,16 +54,14 @@ READ_SIZES = {"artifact": CAPTURE_READ_SIZE, "control": 16 * 1024}
 MEMORY_CHECK_INTERVAL = 0.5
 CAPTURE_PROGRESS_INTERVAL = 0.25  # the reporter sends at most once a second anyway
 TICK = 0.25
-DRAIN_AFTER_EXIT = 2.0
 RETRY_BASE = 1.0
-FORWARDED = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 
 
 def expand(template: str, environ: Mapping[str, str]) -> str:
     return string.Template(template).safe_substitute(environ)
 
 
-class Supervisor:
+class Supervisor(ProcessControl):
     """Runs `argv` as the job's child inside a `Session`."""
 
     def __init__(
@@ -85,13 +83,7 @@ class Supervisor:
         self.environ = dict(environ)
         self.extra_env = dict(extra_env or {})
         self.grace = grace
-        self.child: Child | None = None
-        self.reaper = Reaper(reap_all=True)
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._terms: deque[int] = deque()
-        self._lock = threading.Lock()
-        self.abort_error: BaqupError | None = None
-        self.kill_at: float | None = None
+        self.init_processes()
         self.protocol_errors = 0
         self.child_log = self.log.bind(component="child")
         self.stdout_artifact = stdout_artifact
@@ -129,36 +121,6 @@ class Supervisor:
         if s.encrypt:
             self.key = parse_key(key_secret)
 
-    # --- signals (called on the signal thread) --------------------------------------------
-
-    def _poke(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except BlockingIOError:
-            pass
-
-    def on_signal(self, signum: int) -> None:
-        if signum == signal.SIGUSR1:
-            if self.session.heartbeat is not None:
-                self.session.heartbeat.beat_now()
-            return
-        if signum in FORWARDED:
-            child = self.child
-            if child is not None and not child.exited:
-                child.signal_group(signum)
-                self.log.info(f"forwarded {signal.Signals(signum).name} to the child's group")
-            return
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            with self._lock:
-                self._terms.append(signum)
-        self._poke()
-
-    def take_terms(self) -> list[int]:
-        with self._lock:
-            terms = list(self._terms)
-            self._terms.clear()
-        return terms
-
     def checkpoint(self) -> None:
         """Between INITIALIZING steps: a SIGTERM/SIGINT ends the job; so does the phase timeout."""
         terms = self.take_terms()
@@ -191,28 +153,6 @@ class Supervisor:
 
     # --- RUNNING ----------------------------------------------------------------------------
 
-    def abort(self, error: BaqupError) -> None:
-        """End the child's group: SIGTERM now, SIGKILL after the grace period."""
-        if self.abort_error is None:
-            self.abort_error = error
-            self.log.warn(
-                f"aborting the job: {error.message}", code=error.code, grace_seconds=self.grace
-            )
-        child = self.child
-        if child is None or (child.exited and not child.group_alive()):
-            return
-        if self.kill_at is None:
-            child.signal_group(signal.SIGTERM)
-            self.kill_at = time.monotonic() + self.grace
-        else:
-            self.kill_now("a second termination request")
-
-    def kill_now(self, why: str) -> None:
-        child = self.child
-        if child is not None and child.signal_group(signal.SIGKILL):
-            self.log.warn(f"SIGKILL sent to the child's group: {why}")
-        self.kill_at = float("inf")
-
     def _on_line(self, stream: str, line: bytes, truncated: bool) -> None:
         session = self.session
         if stream == "control":
@@ -243,14 +183,14 @@ class Supervisor:
     def run_child(self) -> int:
         """Run the child once, to its end; the raw exit code (negative: killed by signal)."""
         s = self.settings
-        self.abort_error = None
-        self.kill_at = None
+        self.new_attempt()
         self.sink = self.new_sink()
         self.child = child = spawn(
             self.argv,
             self.child_environ(),
             control_fd=s.control_fd,
             pipe_stdin=self.restore_source is not None,
+            terminal=self.terminal is not None,
         )
         self.log.info("child started", pid=child.pid, command=self.argv[0])
         if self.restore_source is not None:
@@ -272,7 +212,6 @@ class Supervisor:
                 splitters[fd] = (name, LineSplitter())
         selector.register(self._wake_r, selectors.EVENT_READ)
         self.session.last_activity = time.monotonic()  # the stall clock starts with the child
-        exited_at: float | None = None
         try:
             while True:
                 now = time.monotonic()
@@ -284,24 +223,21 @@ class Supervisor:
                             pass
                         continue
                     self._read(selector, key.fd, splitters)
-                self.reaper.reap(child)
-                for _ in self.take_terms():
-                    self.abort(JobFailed("terminated by signal", code="ABORTED"))
+                for change in self.reaper.reap(child):
+                    self._on_change(change)
+                if self.child_stopped:
+                    self.session.last_activity = now  # a stopped command is paused, not stalled
+                for signum in self.take_terms():
+                    self.abort(JobFailed(f"terminated by {describe(signum)}", code="ABORTED"))
                 now = time.monotonic()
                 self._check_timers(now)
                 self._check_feeder()
                 assert self.session.reporter is not None
                 self.session.reporter.tick(now)
                 if child.exited:
-                    if exited_at is None:
-                        exited_at = now
-                        self._after_exit(child)
-                    open_pipes = [fd for fd in splitters if fd in selector.get_map()]
-                    if not open_pipes:
-                        break
-                    if now - exited_at > DRAIN_AFTER_EXIT and not child.group_alive():
-                        break
-                    if now - exited_at > DRAIN_AFTER_EXIT + self.grace:
+                    capture_open = child.stdout_fd in selector.get_map() and self.sink is not None
+                    open_pipes = any(fd in selector.get_map() for fd in splitters)
+                    if self._may_end(child, now, open_pipes, capture_open):
                         break
         finally:
             for name, splitter in splitters.values():
@@ -309,18 +245,11 @@ class Supervisor:
                     self._on_line(name, line, truncated)
             selector.close()
             child.close()
+            if self.terminal is not None:
+                self.terminal.take_back(child.pgid)
         code = child.exit_code
         assert code is not None
-        self.log.info("child exited", exit_code=code, pid=child.pid)
         return code
-
-    def _after_exit(self, child: Child) -> None:
-        """The main child is gone: what is left of its group gets SIGTERM, then SIGKILL."""
-        if child.group_alive():
-            self.log.warn("the child exited but its process group lives on; terminating it")
-            child.signal_group(signal.SIGTERM)
-            if self.kill_at is None:
-                self.kill_at = time.monotonic() + self.grace
 
     def _read(
         self,
@@ -465,6 +394,8 @@ class Supervisor:
         deadlines = [now + TICK]
         if self.kill_at is not None:
             deadlines.append(self.kill_at)
+        if self.settle_until is not None:
+            deadlines.append(self.settle_until)
         return max(0.0, min(deadlines) - now)
 
     def _check_timers(self, now: float) -> None:
@@ -523,6 +454,9 @@ class Supervisor:
                 if attempt > 1:
                     self._record(attempt, stamp, started, None)
                 return
+            if code == -signal.SIGINT and self.interrupted:
+                self._record(attempt, stamp, started, "ABORTED")
+                raise JobFailed("interrupted from the terminal (Ctrl-C)", code="ABORTED")
             exit_code, error_code, message = describe_exit(code)
             self._record(attempt, stamp, started, f"exit {code}" if code > 0 else error_code)
             retriable = code in s.retriable_exit_codes
@@ -568,6 +502,8 @@ class Supervisor:
         self.session.attempts.append(entry)
 
     def close(self) -> None:
+        if self.terminal is not None:
+            self.terminal.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

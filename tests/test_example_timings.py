@@ -24,7 +24,7 @@ from typing import Any
 
 from baqup_supervisor.bus import DAY
 from baqup_supervisor.cli import RunRequest
-from baqup_supervisor.supervisor import DRAIN_AFTER_EXIT
+from baqup_supervisor.processes import DRAIN_AFTER_EXIT
 from tests.conftest import REPO, free_port, python_child, run_baqup
 from tests.jobs import job_dir, start_job, wait_for
 from tests.test_agents_static import CONTRACT_SCHEMA, agent_schema, load_json, parse_yaml
