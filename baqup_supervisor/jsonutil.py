@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
+from .jsontree import TOO_DEEP as UNENCODABLE
+from .jsontree import transform
 from .secret import REDACTED, Secret
-
-UNENCODABLE = "[unencodable: nested too deeply]"
 
 
 def _fallback(obj: Any) -> Any:
@@ -32,9 +32,6 @@ def _fallback(obj: Any) -> Any:
     return str(obj)
 
 
-MAX_DEPTH = 500  # deeper subtrees are named, not written: the encoders recurse
-
-
 def _scalar(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -43,30 +40,13 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _key(key: Any) -> Any:
+    return _scalar(key if isinstance(key, str) else str(key))
+
+
 def _plain(value: Any) -> Any:
-    """A copy the standard encoder writes as valid UTF-8 JSON, built without recursion
-    (a structure can be deeper than the interpreter's recursion limit)."""
-    if not isinstance(value, (dict, list, tuple)):
-        return _scalar(value)
-    root: Any = {} if isinstance(value, dict) else []
-    stack: list[tuple[Any, Any, int]] = [(value, root, 1)]
-    while stack:
-        source, target, depth = stack.pop()
-        items = source.items() if isinstance(source, dict) else enumerate(source)
-        for key, item in items:
-            if isinstance(item, (dict, list, tuple)):
-                if depth >= MAX_DEPTH:
-                    child: Any = UNENCODABLE
-                else:
-                    child = {} if isinstance(item, dict) else []
-                    stack.append((item, child, depth + 1))
-            else:
-                child = _scalar(item)
-            if isinstance(target, dict):
-                target[_scalar(key if isinstance(key, str) else str(key))] = child
-            else:
-                target.append(child)
-    return root
+    """A copy the standard encoder writes as valid UTF-8 JSON, built without recursion."""
+    return transform(value, _scalar, _key)
 
 
 def dumps(value: Any, *, indent: bool = False) -> bytes:

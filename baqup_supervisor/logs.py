@@ -24,6 +24,7 @@ from typing import IO, Any
 from . import jsonutil
 from .clock import utc_iso
 from .contract import LogLevel
+from .jsontree import transform
 from .secret import REDACTED, Redactor, mask_url
 
 FORMATS = ("json", "text", "logfmt")
@@ -93,13 +94,7 @@ class Sanitizer:
         """Sanitise every string inside a JSON-like value."""
         if self.mode == "none":
             return value
-        if isinstance(value, str):
-            return self(value)
-        if isinstance(value, Mapping):
-            return {str(k): self.value(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self.value(v) for v in value]
-        return value
+        return transform(value, lambda v: self(v) if isinstance(v, str) else v, str)
 
 
 # --- rendering -------------------------------------------------------------------

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import unquote
 
+from .jsontree import transform
+
 REDACTED = "[REDACTED]"
 SECRET_PREFIX = "BAQUP_SECRET_"  # noqa: S105 - a prefix, not a password
 # Values shorter than this are not searched for in free text: masking every "1" or
@@ -395,14 +397,13 @@ class Redactor:
         mask (a string); Secrets become the mask. Nothing is ever redacted after
         rendering, so a rendered document stays valid.
         """
+        return transform(value, self._leaf, self._key)
+
+    def _leaf(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, Secret):
             return REDACTED
-        if isinstance(value, Mapping):
-            return {self._key(k): self.redact_value(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self.redact_value(v) for v in value]
         if (
             self._pattern is not None
             and isinstance(value, (int, float))
