@@ -227,11 +227,16 @@ class Staging:
     def _open(self, restore: bool) -> None:
         staging_dir = self.job_dir.parent
         try:
-            # The staging dir is the operator's (configuration, not the child's): made if
-            # missing, as before, and its path may hold symlinks. INTERFACE.md section 12
-            # wants it to exist instead; the examples still rely on this.
-            staging_dir.mkdir(parents=True, exist_ok=True)
+            # The staging dir is the operator's (a mount, usually): it must exist, and
+            # its path may hold symlinks. It is never created, so a mistyped
+            # BAQUP_STAGING_DIR fails the job instead of becoming where the backup lands.
             parent = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise OutputError(
+                f"BAQUP_STAGING_DIR {staging_dir} does not exist: baqup-run creates the job "
+                "dir inside it, never the staging dir itself",
+                code="STAGING_DIR_MISSING",
+            ) from None
         except OSError as exc:
             raise OutputError(
                 f"cannot open the staging dir {staging_dir}: {exc.strerror or exc}"

@@ -38,7 +38,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def readme_env(tmp_path: Path, source: Path) -> dict[str, str]:
-    """The variables the example READMEs export (file bus, staging in tmp_path)."""
+    """The variables the example READMEs export (file bus, staging in tmp_path), with the
+    staging dir made as the READMEs make it (`mkdir -p`): baqup-run never creates it."""
+    (tmp_path / "staging").mkdir(exist_ok=True)
     return clean_env(
         BAQUP_JOB_ID=str(uuid.uuid4()),
         BAQUP_STAGING_DIR=str(tmp_path / "staging"),
