@@ -190,6 +190,7 @@ class Podman:
         return int(self.inspect(reference)["Size"])
 
     def image_id(self, reference: str) -> str | None:
+        """The full ID (hex, as `build` returns it), or None when there is no such image."""
         result = self.run(["image", "inspect", "--format", "{{.Id}}", reference], check=False)
         return result.stdout.strip() if result.returncode == 0 else None
 
@@ -202,7 +203,7 @@ class Podman:
                 timeout=BUILD_TIMEOUT,
                 cwd=REPO,
             )
-            return iidfile.read_text().strip()
+            return iidfile.read_text().strip().removeprefix("sha256:")
 
     def retire(self, old: str | None, new: str) -> None:
         """Remove the image a tag held before a rebuild (kept if still in use)."""
@@ -436,7 +437,7 @@ def build_script(podman: Podman, agent: str, tag: str, base: str) -> str:
         )
         if result.returncode != 0:
             raise ContainerError(failure(argv, result))
-        return iidfile.read_text().strip()
+        return iidfile.read_text().strip().removeprefix("sha256:")
 
 
 def label_args(schema: Path) -> list[str]:

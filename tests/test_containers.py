@@ -433,7 +433,8 @@ def test_podman_kill_usr1_sends_a_heartbeat_at_once(
 
 
 def host_processes(marker: str) -> list[int]:
-    """PIDs on the host whose command line holds `marker`."""
+    """PIDs on the host of the processes with `marker` as one argument (the podman client
+    and baqup-run have it inside their `sh -c` argument: not counted)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -442,7 +443,7 @@ def host_processes(marker: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if marker.encode() in cmdline:
+        if marker.encode() in cmdline.split(b"\0"):
             found.append(int(entry.name))
     return found
 
