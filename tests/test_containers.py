@@ -277,6 +277,16 @@ def test_a_job_runs_as_uid_1000_on_a_read_only_root(
     verify(job.job_dir)
 
 
+def test_the_base_image_adds_little_to_its_python(podman: Podman, images: Images) -> None:
+    """What Dockerfile.base adds to the python image it is FROM (the stand-in's size minus
+    its own here): the real python:3.12-slim-bookworm is about 125 MB unpacked, so the base
+    stays under 200 MB with room for a lock upgrade."""
+    added = podman.size(images.base) - podman.size(images.python)
+    assert 0 < added < 70_000_000
+    for agent in (images.fs, images.postgres):
+        assert podman.size(agent) > podman.size(images.base)
+
+
 # --- round trips ------------------------------------------------------------------------------
 
 
