@@ -17,8 +17,10 @@ images as root. Everything here stays out of /etc and out of the repository:
   this checkout (`localhost/baqup-test/NAME:KEY`); agent-fs and agent-postgres through
   their own build.sh (so their labels are the ones a release gets). Run by image ID, so a
   second test session building from another checkout cannot swap an image under a test.
+  `build_rust(podman, images)`: examples/rust-agent's image, labels from `baqup labels`.
 - `container_args(...)` and `start_container(...)`: `podman run` lines the way the
-  controller starts an agent (`IMAGE ROLE`), and a background run as a `tests.jobs.Job`.
+  controller starts an agent (`IMAGE ROLE`), and a background run as a `tests.jobs.Job`;
+  `owned_by_agent(*dirs)`: host directories the image's UID 1000 may write.
 
 Builds and the stand-in are serialized across sessions by a file lock in the cache dir.
 """
@@ -45,10 +47,13 @@ from tests.jobs import Job
 
 __all__ = [
     "CACHE",
+    "ContainerError",
     "Images",
     "Podman",
     "build_images",
+    "build_rust",
     "container_args",
+    "owned_by_agent",
     "python_base",
     "start_container",
 ]
@@ -373,7 +378,16 @@ def tag_of(name: str) -> str:
     return f"localhost/baqup-test/{name}:{checkout_key()}"
 
 
+def require_tools() -> None:
+    missing = [tool for tool in ("podman", "runc", "mmdebstrap") if shutil.which(tool) is None]
+    if missing:
+        raise ContainerError(
+            f"{', '.join(missing)} not installed: run ./tests/run as root (it installs them)"
+        )
+
+
 def build_images(podman: Podman) -> Images:
+    require_tools()
     with cache_lock():
         python = python_base(podman)
         base_tag = tag_of("agent-base")
