@@ -136,6 +136,11 @@ class JobFailed(BaqupError):
         self._retriable = retriable
         if category is not None:
             self.category = category  # type: ignore[misc]
+        elif self.code == "ABORTED":
+            # a SIGTERM or SIGINT says nothing against the job, wherever the abort is raised:
+            # running it again may well work (INTERFACE section 12)
+            self.category = ErrorCategory.TRANSIENT  # type: ignore[misc]
+            self._retriable = True
 
     @property
     def retriable(self) -> bool:
