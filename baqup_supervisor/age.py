@@ -25,6 +25,7 @@ from typing import Any
 
 from .bech32 import bech32_decode, bech32_encode
 from .errors import ConfigError, DataError
+from .sealer import ChunkSealer
 from .secret import Secret
 
 FORMAT = "age-encryption.org/v1"
@@ -375,7 +376,7 @@ def _nonce(counter: int, final: bool) -> bytes:
     return counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 
 
-class AgeEncryptor:
+class AgeEncryptor(ChunkSealer):
     """Encrypts a stream to age recipients; `update` and `finalize` return the file's bytes."""
 
     algorithm = "chacha20-poly1305"
@@ -401,9 +402,8 @@ class AgeEncryptor:
         nonce = os.urandom(NONCE_SIZE)
         self.header = covered + b" " + _b64(_header_mac(file_key, covered)) + b"\n" + nonce
         self._aead = _chacha(_hkdf(file_key, nonce, b"payload"))
-        self._counter = 0
-        self._pending = bytearray()
-        self._started = False
+        self.chunk_size = CHUNK_SIZE
+        super().__init__()
 
     @property
     def manifest(self) -> dict[str, object]:
@@ -415,33 +415,10 @@ class AgeEncryptor:
         self._counter += 1
         return sealed
 
-    def update(self, data: bytes) -> bytes:
-        out = []
-        if not self._started:
-            out.append(self.header)
-            self._started = True
-        view = memoryview(data)
-        if self._pending:
-            need = CHUNK_SIZE - len(self._pending)
-            if len(view) <= need:
-                self._pending += view
-                return b"".join(out)
-            self._pending += view[:need]
-            view = view[need:]
-            out.append(self._seal(bytes(self._pending), final=False))
-            self._pending.clear()
-        # keep at least one byte back: the final chunk is sealed by `finalize`, and is
-        # empty only when the whole payload is (the spec forbids an empty last chunk)
-        offset = 0
-        while len(view) - offset > CHUNK_SIZE:
-            out.append(self._seal(view[offset : offset + CHUNK_SIZE], final=False))
-            offset += CHUNK_SIZE
-        self._pending += view[offset:]
-        return b"".join(out)
-
     def finalize(self) -> bytes:
-        head = b"" if self._started else self.header
-        self._started = True
+        # the spec forbids an empty last chunk unless the whole payload is empty, and
+        # `update` always keeps a byte back, so what is pending is the final chunk
+        head = self._take_header()
         body = self._seal(bytes(self._pending), final=True)
         self._pending.clear()
         return head + body

@@ -11,13 +11,16 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from . import __version__
 from .contract import ROLES, ExitCode, LogLevel
 from .errors import BaqupError, UsageError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @dataclass(frozen=True)
@@ -129,9 +132,15 @@ def _print_json(document: Any) -> None:
 
 def _validate(request: RunRequest) -> int:
     from .config import load_config
+
+    return report_validation(load_config(os.environ, request.schema))
+
+
+def report_validation(config: Config) -> int:
+    """`--validate`'s answer (and `baqup preflight`'s): every warning and problem logged,
+    the JSON document on stdout, exit 0 or 64."""
     from .logs import logger_from_environ
 
-    config = load_config(os.environ, request.schema)
     log = logger_from_environ(os.environ, config.redactor)
     for warning in config.warnings:
         log.warn(str(warning), variable=warning.variable)

@@ -56,6 +56,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError, DataError
+from .sealer import ChunkSealer
 from .secret import Secret
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def _v2_nonce(counter: int, final: bool) -> bytes:
     return counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 
 
-class StreamEncryptor:
+class StreamEncryptor(ChunkSealer):
     """Encrypts a stream chunk by chunk; `update` and `finalize` return ciphertext.
 
     Writes `baqup-stream-v2` (`version=1` writes the old format, for tests only).
@@ -180,9 +181,7 @@ class StreamEncryptor:
             raise ValueError(f"no stream format version {version}")
         self.suffix = ".enc"  # after the compression suffix: db.sql.zst.enc
         self._version = version
-        self._counter = 0
-        self._pending = bytearray()
-        self._started = False
+        super().__init__()
 
     @property
     def manifest(self) -> dict[str, object]:
@@ -198,33 +197,8 @@ class StreamEncryptor:
         self._counter += 1
         return sealed
 
-    def update(self, data: bytes) -> bytes:
-        out = []
-        if not self._started:
-            out.append(self.header)
-            self._started = True
-        size = self.chunk_size
-        view = memoryview(data)
-        if self._pending:
-            need = size - len(self._pending)
-            if len(view) <= need:
-                self._pending += view
-                return b"".join(out)
-            self._pending += view[:need]
-            view = view[need:]
-            out.append(self._seal(bytes(self._pending), final=False))
-            self._pending.clear()
-        # keep at least one byte back: only `finalize` may seal the last chunk
-        offset = 0
-        while len(view) - offset > size:
-            out.append(self._seal(view[offset : offset + size], final=False))
-            offset += size
-        self._pending += view[offset:]
-        return b"".join(out)
-
     def finalize(self) -> bytes:
-        head = b"" if self._started else self.header
-        self._started = True
+        head = self._take_header()
         if len(self._pending) == self.chunk_size:
             body = self._seal(bytes(self._pending), final=False) + self._seal(b"", final=True)
         else:

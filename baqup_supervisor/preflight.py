@@ -100,8 +100,7 @@ def preflight_command(
 ) -> int:
     """Validate the environment (or --env-file) against IMAGE's schema, as --validate does
     inside it: prints {"valid", "errors"}; exit 0 or 64 (69: registry unreachable)."""
-    from .cli import _print_json
-    from .logs import logger_from_environ
+    from .cli import report_validation
     from .registry import preflight
     from .tool import json_report
 
@@ -110,10 +109,4 @@ def preflight_command(
         _, config = preflight(
             image, job_environ, platform=platform, insecure=insecure, timeout=timeout
         )
-    log = logger_from_environ(os.environ, config.redactor)
-    for warning in config.warnings:
-        log.warn(str(warning), variable=warning.variable)
-    for problem in config.problems:
-        log.error(str(problem), variable=problem.variable, keyword=problem.keyword)
-    _print_json({"valid": config.valid, "errors": [p.as_dict() for p in config.problems]})
-    return int(ExitCode.SUCCESS if config.valid else ExitCode.USAGE_CONFIG_ERROR)
+    return report_validation(config)
