@@ -20,7 +20,7 @@ from .cli import RunRequest
 from .config import load_config
 from .contract import ROLES, AgentState, ExitCode, LogLevel
 from .encryption import KEY_VARIABLE, parse_key
-from .errors import BaqupError, JobFailed, ShutdownRequested, UsageError
+from .errors import BaqupError, DataError, JobFailed, ShutdownRequested, UsageError
 from .logs import Logger, logger_from_environ
 from .names import MANIFEST
 from .session import Session
@@ -158,6 +158,13 @@ class RestoreStep:
             self.session.log.info("restore source verified", path=str(self.path))
             return
         stored = locate(self.source.path, name, self.source.manifest)
+        if stored.encrypted and supervisor.key is None:
+            # refused before the child starts: it would act on an empty stream (create
+            # a database, say) before the feeder could fail
+            raise DataError(
+                f"{name} is encrypted: set the key (BAQUP_SECRET_ENCRYPTION_KEY) to restore it",
+                code="DECRYPTION_FAILED",
+            )
         supervisor.restore_source = stored
         self.session.log.info(
             "restore source verified",
