@@ -305,7 +305,9 @@ def locate(job_dir: Path, name: str, manifest_bytes: bytes | None = None) -> Sto
     groups = _artifacts(manifest)
     found = [key for key, entries in groups.items() if any(_matches(e, name) for e in entries)]
     if not found:
-        raise DataError(f"artifact {name!r} is not in the job's manifest", code="ARTIFACT_MISSING")
+        raise DataError(
+            f"artifact {name!r} is not in the manifest of {job_dir}", code="ARTIFACT_MISSING"
+        )
     if len(found) > 1:
         raise UsageError(
             f"--stdin-artifact {name!r} matches {len(found)} artifacts of the manifest: "
@@ -317,22 +319,33 @@ def locate(job_dir: Path, name: str, manifest_bytes: bytes | None = None) -> Sto
     if entries[0].get("parts") and len(entries) != int(entries[0]["parts"]):
         problems.append(f"{name}: {len(entries)} of {entries[0]['parts']} parts in the manifest")
     root = os.path.realpath(job_dir)
+    code = "PARTS_INCOMPLETE" if problems else None
     for entry in entries:
         result = check_artifact(job_dir, root, entry, check_checksums=False)
         problems.extend(f"{entry['filename']}: {e}" for e in result["errors"])
+        code = code or result.get("code")
     if problems:
         raise DataError(
-            f"artifact {name!r} failed verification: {'; '.join(problems)}",
-            code="CHECKSUM_MISMATCH",
+            f"artifact {name!r} in {job_dir} failed verification: {'; '.join(problems)}",
+            code=str(code or "CHECKSUM_MISMATCH"),
         )
-    parts = tuple(_open_verified(job_dir, entry) for entry in entries)
+    parts: list[StoredPart] = []
+    try:
+        for entry in entries:
+            parts.append(_open_verified(job_dir, entry))
+    except DataError as exc:
+        for part in parts:
+            os.close(part.fd)
+        raise DataError(
+            f"artifact {name!r} in {job_dir} failed verification: {exc.message}", code=exc.code
+        ) from None
     return StoredArtifact(
         name=name,
         paths=tuple(job_dir / p.filename for p in parts),
         compression=str(entries[0].get("compression") or "none"),
         encrypted=bool(entries[0].get("encrypted")),
         size=sum(p.size for p in parts),
-        parts=parts,
+        parts=tuple(parts),
     )
 
 
