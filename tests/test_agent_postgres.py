@@ -580,3 +580,46 @@ def test_a_restore_failing_into_a_missing_database_drops_it(
     child = [r["message"] for r in log_records(failed.stderr) if r.get("component") == "child"]
     assert any(f"dropping the database {target}" in m for m in child), child
     assert not database_exists(server, target)
+
+
+ALTER_IN_PLACE = """python3 - <<'PY'
+import os
+path = os.path.join(os.environ["BAQUP_RESTORE_FROM"], "db.dump.zst")
+with open(path, "r+b") as handle:  # same inode: the verified, open file changes
+    handle.seek(-10, 2)
+    last = handle.read(1)
+    handle.seek(-10, 2)
+    handle.write(bytes([last[0] ^ 0xFF]))
+PY
+"""
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_an_artifact_changed_while_streaming_creates_no_database(
+    fmt: str, postgres_server: PostgresServer, job_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Changed after verification, before its end is fed: the end (and EOF) never reach
+    psql or pg_restore, the child is stopped, and the database it created is dropped."""
+    server = postgres_server
+    db, _ = seeded_database(server)
+    # some MiB stored, so the feeder is still reading the file when it changes
+    hexes = " || ".join(f"md5(g::text || '{n}')" for n in range(4))
+    psql(
+        server, f"CREATE TABLE big AS SELECT g, {hexes} AS t FROM generate_series(1, 60000) g;", db
+    )
+    env = agent_env(job_env, server, db, fmt)
+    assert baqup_run("snapshot", env).returncode == 0
+    assert manifest_of(env)["artifacts"][0]["size_bytes"] > 4 << 20
+    schema = json.loads(SCHEMA.read_text())
+    restore_cmd = schema["x-baqup-agent"]["commands"]["restore"]
+    restore_cmd["argv"][-1] = ALTER_IN_PLACE + restore_cmd["argv"][-1]
+    altered = tmp_path / "agent-schema.json"
+    altered.write_text(json.dumps(schema))
+    copy = tmp_path / "copy"
+    shutil.copytree(job_dir(env), copy)
+    target = f"{db}_changed"
+    renv = restore_env(env, BAQUP_RESTORE_FROM=str(copy), BAQUP_TARGET_DATABASE=target)
+    result = run_baqup(["--schema", str(altered), "--grace", "5", "restore"], renv, timeout=90)
+    assert result.returncode == 65, result.stderr[-3000:]
+    assert status_from_file(renv)["error"]["code"] == "CHECKSUM_MISMATCH"
+    assert not database_exists(server, target), result.stderr[-3000:]
