@@ -2,6 +2,11 @@
 
 Owns the read side of what capture.py writes, for `baqup decrypt` and for restores:
 
+- `read_source` reads the committed snapshot a restore job restores (INTERFACE.md
+  section 11: `BAQUP_RESTORE_FROM`, default `$BAQUP_JOB_DIR`): a directory with a valid
+  manifest, read once and hashed (`restored_from` in the status); `check_own_job`
+  refuses a restore carrying the snapshot's own job id; `verify_source` checks every
+  artifact of it when the restore names none;
 - `locate` finds exactly one artifact in a job's manifest (a NAME matching two is a
   usage error naming both), opens each of its parts once and verifies it (size and
   checksum) before a byte is used;
