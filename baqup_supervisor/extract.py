@@ -24,18 +24,20 @@ import os
 import stat
 import tarfile
 import tempfile
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .compression import CHUNK, DecodedReader
 from .errors import DataError, OutputError, SecurityViolation
 from .staging import io_error
 
 MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x1f\x8b": "gzip", b"\x04\x22\x4d\x18": "lz4"}
+PROGRESS_EVERY = 1.0  # seconds between progress messages while extracting
 ANOMALY_MIN_MEMBERS = 1000
 ANOMALY_EMPTY_RATIO = 0.99
 SPECIAL_BITS = 0o7000
@@ -443,17 +445,25 @@ def _shown(name: str) -> str:
     return repr(name if len(name) <= 80 else f"{name[:60]}...{name[-15:]}")
 
 
-def extract(archive: Path | IO[bytes], dest: Path, *, compression: str = "auto") -> Report:
+def extract(
+    archive: Path | IO[bytes],
+    dest: Path,
+    *,
+    compression: str = "auto",
+    emit: Callable[[dict[str, Any]], None] | None = None,
+) -> Report:
     """Validate the whole archive, then extract the same bytes into `dest` (created if
     needed): one open file for both passes, and the write pass compares each member with
-    what validation saw before writing it."""
+    what validation saw before writing it. Progress (at most once a second) to `emit`.
+
+    Modes and mtimes are always restored; ownership (uid and gid) when run as root."""
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"DEST {dest} exists and is not a directory")
     with _opened(archive) as handle:
         seen = validate(handle, compression, dest)
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            return _write(handle, compression, dest, seen)
+            return _write(handle, compression, dest, seen, emit)
         except OSError as exc:
             raise io_error(exc, f"extracting into {dest}") from None
 
@@ -465,8 +475,45 @@ def _changed(what: str) -> DataError:
     )
 
 
-def _write(handle: IO[bytes], compression: str, dest: Path, seen: Validated) -> Report:
+class _Progress:
+    """Extraction progress for baqup-run: the total is known from the validation pass."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None] | None, total: int) -> None:
+        self.emit = emit
+        self.total = total
+        self.started = self.last = time.monotonic()
+
+    def update(self, report: Report, name: str, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.emit is None or (not final and now - self.last < PROGRESS_EVERY):
+            return
+        self.last = now
+        message: dict[str, Any] = {
+            "type": "progress",
+            "files_processed": report.files,
+            "bytes_processed": report.bytes,
+            "current_file": name,
+        }
+        if final:
+            message["percent_complete"] = 100
+        elif report.bytes and self.total:
+            rate = report.bytes / max(now - self.started, 1e-3)
+            message["estimated_remaining_seconds"] = round(
+                max(self.total - report.bytes, 0) / rate, 1
+            )
+        self.emit(message)
+
+
+def _write(
+    handle: IO[bytes],
+    compression: str,
+    dest: Path,
+    seen: Validated,
+    emit: Callable[[dict[str, Any]], None] | None = None,
+) -> Report:
     dest_real = os.path.realpath(dest)
+    owner = os.geteuid() == 0  # only root can give a file away; anyone else keeps it
+    progress = _Progress(emit, seen.report.bytes)
     report = Report(members=seen.report.members, empty_files=seen.report.empty_files)
     symlinks: set[str] = set()
     directories: list[tuple[str, int, float]] = []
@@ -490,6 +537,8 @@ def _write(handle: IO[bytes], compression: str, dest: Path, seen: Validated) -> 
                 _replace(target)
                 if not os.path.isdir(target):
                     os.mkdir(target, 0o700)
+                if owner:
+                    os.chown(target, member.uid, member.gid, follow_symlinks=False)
                 os.chmod(target, mode | 0o700)
                 directories.append((target, mode, member.mtime))
                 report.directories += 1
@@ -504,18 +553,22 @@ def _write(handle: IO[bytes], compression: str, dest: Path, seen: Validated) -> 
                 os.link(source, target, follow_symlinks=False)
                 report.hardlinks += 1
             else:
-                if _write_file(archive, member, target, mode) != data:
+                if _write_file(archive, member, target, mode, owner) != data:
                     os.unlink(target)
                     raise _changed(f"the data of {member.name!r} is not the data validated")
                 report.files += 1
                 report.bytes += member.size
+            if owner and not member.isreg():
+                os.chown(target, member.uid, member.gid, follow_symlinks=False)
             if not member.issym():
                 os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+            progress.update(report, name)
     if count != seen.count:
         raise _changed(f"{count} members, {seen.count} validated")
     for target, mode, mtime in reversed(directories):  # after their contents are written
         os.chmod(target, mode)
         os.utime(target, (mtime, mtime), follow_symlinks=False)
+    progress.update(report, "", final=True)
     return report
 
 
@@ -543,8 +596,11 @@ def _replace(target: str) -> None:
         os.unlink(target)
 
 
-def _write_file(archive: tarfile.TarFile, member: tarfile.TarInfo, target: str, mode: int) -> bytes:
-    """Write a regular member; the CRC of the data written."""
+def _write_file(
+    archive: tarfile.TarFile, member: tarfile.TarInfo, target: str, mode: int, owner: bool
+) -> bytes:
+    """Write a regular member (given to its owner first when `owner`, so the mode set
+    after is the one kept); the CRC of the data written."""
     _replace(target)
     crc = 0
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -556,6 +612,8 @@ def _write_file(archive: tarfile.TarFile, member: tarfile.TarInfo, target: str, 
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
+        if owner:
+            os.fchown(fd, member.uid, member.gid)
         os.fchmod(fd, mode)
     finally:
         os.close(fd)

@@ -85,6 +85,9 @@ def describe(meta: Mapping[str, Any]) -> dict[str, Any]:
         "requirements": dict(meta.get("requirements") or {}),
         "supervisor": {"name": "baqup-supervisor", "version": __version__},
     }
+    if "restore" in info["roles"]:
+        # INTERFACE.md section 11: a restore is a job of its own reading this snapshot dir
+        info["restore"] = {"source": "BAQUP_RESTORE_FROM", "default": "$BAQUP_JOB_DIR"}
     if isinstance(meta.get("build"), Mapping):
         info["build"] = dict(meta["build"])
     commands = meta.get("commands")

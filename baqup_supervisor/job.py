@@ -13,20 +13,24 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .child import set_child_subreaper
 from .cli import RunRequest
 from .config import load_config
 from .contract import ROLES, AgentState, ExitCode, LogLevel
 from .encryption import KEY_VARIABLE, parse_key
-from .errors import BaqupError, JobFailed, ShutdownRequested, UsageError
+from .errors import BaqupError, DataError, JobFailed, ShutdownRequested, UsageError
 from .logs import Logger, logger_from_environ
+from .names import MANIFEST
 from .session import Session
 from .settings import Settings
 from .signals import SignalRouter
 from .supervisor import Supervisor
 from .tracing import keep_out as keep_out_tracing
+
+if TYPE_CHECKING:
+    from .restore import RestoreSource
 
 
 def ensure_std_fds() -> None:
@@ -104,10 +108,76 @@ def run_job(request: RunRequest) -> int:
     if supervisor.stdin_artifact:
         key = config.secret(KEY_VARIABLE)
         supervisor.key = parse_key(key) if key is not None else None
-    return _drive(session, supervisor, log)
+    restore = RestoreStep(session, supervisor, environ) if settings.role == "restore" else None
+    return _drive(session, supervisor, log, restore)
 
 
-def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
+class RestoreStep:
+    """A restore's INITIALIZING step: the committed snapshot it reads (INTERFACE.md 11).
+
+    Built before the bus is touched, because a restore carrying the snapshot's own job
+    id would report over the snapshot's keys: that is refused (64) with nothing written.
+    Any other problem of the source is the restore's own failure, reported under its
+    own job id once the bus is up. A restore naming no source (no BAQUP_RESTORE_FROM,
+    no --stdin-artifact, no manifest in its job dir) restores from elsewhere: no step.
+    """
+
+    def __init__(self, session: Session, supervisor: Supervisor, environ: dict[str, str]):
+        from .restore import RESTORE_FROM, check_own_job, read_source, source_path
+
+        self.session = session
+        self.supervisor = supervisor
+        settings = session.settings
+        self.path, named = source_path(settings.values, settings.job_dir)
+        self.source: RestoreSource | None = None
+        self.error: BaqupError | None = None
+        self.wanted = named or bool(supervisor.stdin_artifact) or (self.path / MANIFEST).exists()
+        if not self.wanted:
+            return
+        supervisor.environ[RESTORE_FROM] = str(self.path)  # the child sees its snapshot
+        try:
+            self.source = read_source(self.path)
+        except BaqupError as exc:
+            self.error = exc
+            return
+        check_own_job(self.source, settings.job_id)
+        session.restored_from = self.source.restored_from()
+
+    def verify(self) -> None:
+        """Before the child starts: the manifest, then the artifact fed to the child (every
+        part, opened once) or, with none named, every artifact of the snapshot."""
+        from .restore import locate, verify_source
+
+        if self.error is not None:
+            raise self.error
+        if self.source is None:
+            return
+        supervisor, name = self.supervisor, self.supervisor.stdin_artifact
+        if not name:
+            verify_source(self.source)
+            self.session.log.info("restore source verified", path=str(self.path))
+            return
+        stored = locate(self.source.path, name, self.source.manifest)
+        if stored.encrypted and supervisor.key is None:
+            # refused before the child starts: it would act on an empty stream (create
+            # a database, say) before the feeder could fail
+            raise DataError(
+                f"{name} is encrypted: set the key (BAQUP_SECRET_ENCRYPTION_KEY) to restore it",
+                code="DECRYPTION_FAILED",
+            )
+        supervisor.restore_source = stored
+        self.session.log.info(
+            "restore source verified",
+            path=str(self.path),
+            artifact=name,
+            parts=len(stored.paths),
+            bytes=stored.size,
+        )
+
+
+def _drive(
+    session: Session, supervisor: Supervisor, log: Logger, restore: RestoreStep | None
+) -> int:
     subreaper = set_child_subreaper()
     router = SignalRouter(
         supervisor.on_signal, on_error=lambda exc: log.error(f"signal handling: {exc}")
@@ -121,8 +191,9 @@ def _drive(session: Session, supervisor: Supervisor, log: Logger) -> int:
             session.connect()
             supervisor.announce()
             supervisor.checkpoint()
-            session.prepare_staging()
-            supervisor.verify_restore_source()
+            session.prepare_staging(restore.path if restore is not None else None)
+            if restore is not None:
+                restore.verify()
             supervisor.checkpoint()
             session.lifecycle.advance(AgentState.RUNNING)
             supervisor.run()

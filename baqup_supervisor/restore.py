@@ -2,6 +2,11 @@
 
 Owns the read side of what capture.py writes, for `baqup decrypt` and for restores:
 
+- `read_source` reads the committed snapshot a restore job restores (INTERFACE.md
+  section 11: `BAQUP_RESTORE_FROM`, default `$BAQUP_JOB_DIR`): a directory with a valid
+  manifest, read once and hashed (`restored_from` in the status); `check_own_job`
+  refuses a restore carrying the snapshot's own job id; `verify_source` checks every
+  artifact of it when the restore names none;
 - `locate` finds exactly one artifact in a job's manifest (a NAME matching two is a
   usage error naming both), opens each of its parts once and verifies it (size and
   checksum) before a byte is used;
@@ -19,11 +24,13 @@ It never writes into the job dir it reads.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
+import stat
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -34,7 +41,7 @@ from .checksum import ALGORITHMS, new_hasher
 from .compression import CHUNK, ChunkReader, DecodedReader, Readable
 from .encryption import decrypt_stream
 from .errors import DataError, UsageError
-from .staging import io_error
+from .staging import MANIFEST, io_error
 
 
 class ConcatReader:
@@ -174,28 +181,138 @@ def _matches(entry: dict[str, Any], name: str) -> bool:
     return name in (filename, entry.get("original"), _stem(filename))
 
 
-def locate(job_dir: Path, name: str) -> StoredArtifact:
+@dataclass(frozen=True)
+class RestoreSource:
+    """The committed snapshot a restore reads (INTERFACE.md section 11), never written.
+
+    `manifest` holds the bytes that were read and hashed once: every later decision
+    (which artifact, which checksum) is taken from them, not from a second read.
+    """
+
+    path: Path
+    job_id: str
+    manifest_sha256: str
+    manifest: bytes = field(repr=False)
+
+    def restored_from(self) -> dict[str, str]:
+        """The status document's `restored_from`."""
+        return {
+            "job_id": self.job_id,
+            "path": str(self.path),
+            "manifest_sha256": self.manifest_sha256,
+        }
+
+
+RESTORE_FROM = "BAQUP_RESTORE_FROM"
+
+
+def source_path(values: Mapping[str, Any], job_dir: Path) -> tuple[Path, bool]:
+    """(the snapshot's job dir, whether BAQUP_RESTORE_FROM named it) for a restore."""
+    named = values.get(RESTORE_FROM)
+    if named:
+        return Path(os.path.abspath(str(named))), True
+    return job_dir, False
+
+
+def read_source(path: Path) -> RestoreSource:
+    """The snapshot at `path`: a directory holding a manifest valid against Appendix C.
+
+    A path that is missing or not a directory is the operator's mistake (64); a
+    directory without a valid manifest is no committed snapshot (65). Only reads.
+    """
+    from .staging import validate_manifest
+
+    where = f"{RESTORE_FROM} {path}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(
+            f"{where} does not exist: point it at the committed snapshot's job dir "
+            "(the directory holding its manifest.json)",
+            code="RESTORE_SOURCE_MISSING",
+        ) from None
+    except OSError as exc:
+        raise io_error(exc, f"reading {where}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(
+            f"{where} is not a directory: a restore reads a snapshot's job dir "
+            "(the directory holding its manifest.json)",
+            code="RESTORE_SOURCE_INVALID",
+        )
+    manifest_path = path / MANIFEST
+    try:
+        fd = os.open(manifest_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DataError(
+            f"{where} holds no {MANIFEST}: it is not a committed snapshot (a job that "
+            "failed or is still running commits none); nothing to restore",
+            code="MANIFEST_MISSING",
+        ) from None
+    except OSError as exc:
+        raise io_error(exc, f"opening {manifest_path}") from None
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read()
+        except OSError as exc:
+            raise io_error(exc, f"reading {manifest_path}") from None
+    try:
+        manifest = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DataError(f"{manifest_path} is not JSON: {exc}", code="MANIFEST_INVALID") from None
+    problems = validate_manifest(manifest) if isinstance(manifest, dict) else ["not an object"]
+    if problems:
+        raise DataError(
+            f"{manifest_path} is not a valid manifest: {'; '.join(problems[:3])}",
+            code="MANIFEST_INVALID",
+        )
+    return RestoreSource(path, str(manifest["job_id"]), hashlib.sha256(data).hexdigest(), data)
+
+
+def check_own_job(source: RestoreSource, job_id: str) -> None:
+    """A restore with the snapshot's own job id would report over the snapshot's keys."""
+    if source.job_id == job_id:
+        raise UsageError(
+            f"BAQUP_JOB_ID {job_id} is the job id of the snapshot in {source.path}: a restore "
+            f"is a job of its own; give it a new BAQUP_JOB_ID (and {RESTORE_FROM}={source.path})",
+            code="RESTORE_SAME_JOB",
+        )
+
+
+def verify_source(source: RestoreSource) -> None:
+    """Every artifact of the snapshot, every part, checked against its manifest."""
+    from .verify import _error, verify_job_dir
+
+    report = verify_job_dir(source.path, check_checksums=True)
+    if not report["valid"]:
+        first = report["error"]
+        raise _error(
+            str(first["code"]),
+            f"the snapshot in {source.path} failed verification: {first['message']}",
+        )
+
+
+def locate(job_dir: Path, name: str, manifest_bytes: bytes | None = None) -> StoredArtifact:
     """NAME's parts in the job's manifest, each opened once and verified (size and
     checksum); a UsageError if NAME matches two artifacts, else a DataError.
 
     NAME may be the manifest's filename (`db.sql.zst`), the name of a split
     artifact before its part numbers, or the name before compression (`db.sql`).
+    `manifest_bytes` are the manifest as `read_source` read it (else read here).
     """
-    from .verify import check_artifact, check_parts, verify_job_dir
+    from .verify import check_artifact, check_parts
 
-    report = verify_job_dir(job_dir, check_checksums=False)
-    manifest_path = job_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise DataError(
-            f"no manifest.json in {job_dir}: nothing verified to restore", code="MANIFEST_MISSING"
-        )
-    manifest = orjson.loads(manifest_path.read_bytes())
+    manifest_path = job_dir / MANIFEST
+    if manifest_bytes is None:
+        manifest_bytes = read_source(job_dir).manifest
+    manifest = orjson.loads(manifest_bytes)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
-        raise DataError(f"{manifest_path} is not a valid manifest: {report['errors'][:1]}")
+        raise DataError(f"{manifest_path} is not a valid manifest", code="MANIFEST_INVALID")
     groups = _artifacts(manifest)
     found = [key for key, entries in groups.items() if any(_matches(e, name) for e in entries)]
     if not found:
-        raise DataError(f"artifact {name!r} is not in the job's manifest", code="ARTIFACT_MISSING")
+        raise DataError(
+            f"artifact {name!r} is not in the manifest of {job_dir}", code="ARTIFACT_MISSING"
+        )
     if len(found) > 1:
         raise UsageError(
             f"--stdin-artifact {name!r} matches {len(found)} artifacts of the manifest: "
@@ -207,22 +324,33 @@ def locate(job_dir: Path, name: str) -> StoredArtifact:
     if entries[0].get("parts") and len(entries) != int(entries[0]["parts"]):
         problems.append(f"{name}: {len(entries)} of {entries[0]['parts']} parts in the manifest")
     root = os.path.realpath(job_dir)
+    code = "PARTS_INCOMPLETE" if problems else None
     for entry in entries:
         result = check_artifact(job_dir, root, entry, check_checksums=False)
         problems.extend(f"{entry['filename']}: {e}" for e in result["errors"])
+        code = code or result.get("code")
     if problems:
         raise DataError(
-            f"artifact {name!r} failed verification: {'; '.join(problems)}",
-            code="CHECKSUM_MISMATCH",
+            f"artifact {name!r} in {job_dir} failed verification: {'; '.join(problems)}",
+            code=str(code or "CHECKSUM_MISMATCH"),
         )
-    parts = tuple(_open_verified(job_dir, entry) for entry in entries)
+    parts: list[StoredPart] = []
+    try:
+        for entry in entries:
+            parts.append(_open_verified(job_dir, entry))
+    except DataError as exc:
+        for part in parts:
+            os.close(part.fd)
+        raise DataError(
+            f"artifact {name!r} in {job_dir} failed verification: {exc.message}", code=exc.code
+        ) from None
     return StoredArtifact(
         name=name,
         paths=tuple(job_dir / p.filename for p in parts),
         compression=str(entries[0].get("compression") or "none"),
         encrypted=bool(entries[0].get("encrypted")),
         size=sum(p.size for p in parts),
-        parts=parts,
+        parts=tuple(parts),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -74,6 +75,7 @@ class Session:
         self.declared: list[Artifact] = []
         self.components: list[dict[str, Any]] = []
         self.source_metadata: dict[str, Any] = {}
+        self.restored_from: dict[str, str] | None = None  # a restore's snapshot, once read
         self.committed: list[Committed] = []
         self.attempts: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {}
@@ -185,8 +187,8 @@ class Session:
             "CONNECTION_RETRY", "info", f"reconnecting to the bus ({transport}), attempt {attempt}"
         )
 
-    def prepare_staging(self) -> None:
-        self.staging.prepare(restore=self.settings.role == "restore")
+    def prepare_staging(self, restore_from: Path | None = None) -> None:
+        self.staging.prepare(restore=self.settings.role == "restore", source=restore_from)
 
     def defaults_as_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         """The agent schema's defaults for variables the environment leaves unset, as text."""
@@ -451,6 +453,8 @@ class Session:
             "error": self.error_object(error) if error is not None else None,
             "exit_code": int(code),
         }
+        if self.restored_from is not None:
+            document["restored_from"] = dict(self.restored_from)
         if len(self.attempts) > 1:
             document["attempts"] = list(self.attempts)
         if self.committed:

@@ -212,19 +212,32 @@ class Staging:
 
     # --- INITIALIZING --------------------------------------------------------------
 
-    def prepare(self, *, restore: bool = False) -> None:
+    def prepare(self, *, restore: bool = False, source: Path | None = None) -> None:
         """Create, open and lock the job dir; create its work dir on the same filesystem;
         set aside what an earlier attempt left.
 
-        A snapshot-like job needs a job dir without a manifest; a restore may read one.
+        A snapshot-like job needs a job dir without a manifest. So does a restore reading
+        its snapshot elsewhere (`source`, only ever read, so a read-only mount works): its
+        own job dir is a fresh one. Only a restore whose snapshot the controller staged
+        into its own job dir (`source` is the job dir, or None) holds a manifest there,
+        and then nothing at the job dir's top is moved.
         """
         try:
-            self._open(restore)
-            self.set_aside(include_job_dir=not restore)
+            in_place = self._open(restore, source)
+            self.set_aside(include_job_dir=not in_place)
         except OSError as exc:
             raise io_error(exc, f"preparing the job dir {self.job_dir}") from None
 
-    def _open(self, restore: bool) -> None:
+    def _reads_own_dir(self, job_fd: int, source: Path | None) -> bool:
+        if source is None:
+            return True
+        try:
+            return identity(os.stat(source)) == identity(os.fstat(job_fd))
+        except OSError:
+            return False  # the restore source's own check names the problem
+
+    def _open(self, restore: bool, source: Path | None = None) -> bool:
+        """Whether this is a restore reading the snapshot in its own job dir."""
         staging_dir = self.job_dir.parent
         try:
             # The staging dir is the operator's (a mount, usually): it must exist, and
@@ -254,6 +267,7 @@ class Staging:
                 "BAQUP_JOB_ID; this one touched nothing"
             ) from None
         self._job_fd = job_fd
+        restore = restore and self._reads_own_dir(job_fd, source)
         for name in (MANIFEST, STATUS_FILE):
             if lstat_at(name, job_fd) is None:
                 continue
@@ -273,6 +287,7 @@ class Staging:
             )
         if not os.access(WORK, os.W_OK | os.X_OK, dir_fd=job_fd):
             raise OutputError(f"the work dir {self.work_dir} is not writable")
+        return restore
 
     def verify(self) -> None:
         """The job dir's path and its `.staging` still name the dirs baqup-run created."""

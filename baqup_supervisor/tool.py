@@ -336,7 +336,8 @@ def _extract(archive: Path | IO[bytes], dest: Path, compression: str) -> dict[st
 
     from .extract import extract
 
-    return asdict(extract(archive, dest, compression=compression))
+    emit = _supervised_emit if "BAQUP_CONTROL_FD" in os.environ else None
+    return asdict(extract(archive, dest, compression=compression, emit=emit))
 
 
 @contextmanager

@@ -18,6 +18,8 @@ Stable API (keep it small; other test files import it):
 - `redis_env(job_env, redis_server) -> dict[str, str]`: a copy of `job_env` whose
   `BAQUP_BUS_URL` is the real redis server.
 - `job_dir(env) -> Path`: `$BAQUP_STAGING_DIR/$BAQUP_JOB_ID`.
+- `restore_env(snapshot_env, **extra) -> dict[str, str]`: a restore of that snapshot as a
+  job of its own (a new `BAQUP_JOB_ID`, `BAQUP_RESTORE_FROM` its job dir).
 - `prefix(env) -> str`: the key prefix (`BAQUP_BUS_KEY_PREFIX`).
 - `NotifyListener(client, channel)`: a pub/sub subscription made *before* the job
   starts; `.collect(until, timeout)` gathers decoded JSON messages until `until(msgs)`.
@@ -31,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +209,16 @@ def redis_env(job_env: Mapping[str, str], redis_server: RedisServer) -> dict[str
 
 def job_dir(env: Mapping[str, str]) -> Path:
     return Path(env["BAQUP_STAGING_DIR"]) / env["BAQUP_JOB_ID"]
+
+
+def restore_env(snapshot_env: Mapping[str, str], **extra: str) -> dict[str, str]:
+    """The environment of a restore of `snapshot_env`'s committed job: a job of its own
+    (a new BAQUP_JOB_ID) reading the snapshot from BAQUP_RESTORE_FROM (INTERFACE.md 11)."""
+    env = {**snapshot_env, **extra}
+    env.setdefault("BAQUP_RESTORE_FROM", str(job_dir(snapshot_env)))
+    if env["BAQUP_JOB_ID"] == snapshot_env["BAQUP_JOB_ID"]:
+        env["BAQUP_JOB_ID"] = str(uuid.uuid4())
+    return env
 
 
 def prefix(env: Mapping[str, str]) -> str:

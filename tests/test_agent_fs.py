@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 import redis
 
 from tests.conftest import PYTHON, REPO, RedisServer, run_baqup
-from tests.jobs import job_dir, prefix, read_hash, read_stream, redis_env
+from tests.jobs import job_dir, prefix, read_hash, read_stream, redis_env, restore_env
 
 SCHEMA = REPO / "docker" / "agent-fs" / "agent-schema.json"
 VENV_BIN = Path(PYTHON).parent
@@ -240,9 +241,11 @@ def check_restore(
     redis_client: redis.Redis,
     manifest: dict[str, Any],
 ) -> None:
-    jid = env["BAQUP_JOB_ID"]
+    renv = restore_env(env)
+    jid = renv["BAQUP_JOB_ID"]
     on_redis = env["BAQUP_BUS_URL"].startswith("redis://")
-    restore = run_baqup(["--schema", str(SCHEMA), "restore"], env, timeout=150)
+    before = snapshot_state(env, redis_client if on_redis else None)
+    restore = run_baqup(["--schema", str(SCHEMA), "restore"], renv, timeout=150)
     assert restore.returncode == 0, restore.stderr[-3000:]
     restored = describe(target)
     assert sorted(restored) == sorted(source.expected)
@@ -263,8 +266,29 @@ def check_restore(
     assert final["role"] == "restore"
     assert final["status"] == "success"
     assert final["metrics"]["bytes_restored"] > BIG_SIZE
-    # the restore did not touch the committed job
+    assert final["restored_from"]["job_id"] == env["BAQUP_JOB_ID"]
+    assert final["restored_from"]["path"] == str(job_dir(env))
+    # the restore did not touch the committed job: its files and its keys
     assert json.loads((job_dir(env) / "manifest.json").read_text()) == manifest
+    assert snapshot_state(env, redis_client if on_redis else None) == before
+
+
+def snapshot_state(env: dict[str, str], client: redis.Redis | None) -> dict[str, Any]:
+    """The snapshot's job dir (every file's bytes, hashed) and its keys on the bus."""
+    root = job_dir(env)
+    state: dict[str, Any] = {
+        str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+    jid = env["BAQUP_JOB_ID"]
+    if client is not None:
+        for key in client.scan_iter(match=f"{prefix(env)}*{jid}*"):
+            kind = client.type(key)
+            state[key] = client.hgetall(key) if kind == "hash" else client.xrange(key)
+    else:
+        bus = Path(env["BAQUP_BUS_URL"].removeprefix("file://"))
+        for path in sorted(bus.rglob(f"*{jid}*")):
+            state[str(path)] = path.read_bytes()
+    return state
 
 
 def test_absolute_symlink_inside_the_source(job_env: dict[str, str], tmp_path: Path) -> None:
@@ -280,7 +304,7 @@ def test_absolute_symlink_inside_the_source(job_env: dict[str, str], tmp_path: P
     env = agent_env(job_env, src, target)
     snap = run_baqup(["--schema", str(SCHEMA), "snapshot"], env)
     assert snap.returncode == 0, snap.stderr[-3000:]
-    restore = run_baqup(["--schema", str(SCHEMA), "restore"], env)
+    restore = run_baqup(["--schema", str(SCHEMA), "restore"], restore_env(env))
     assert restore.returncode == 0, (
         "a committed snapshot that its own restore refuses: " + restore.stderr[-2000:]
     )
@@ -288,3 +312,94 @@ def test_absolute_symlink_inside_the_source(job_env: dict[str, str], tmp_path: P
     link = target / "abs-inside"
     if link.is_symlink():
         assert Path(os.path.realpath(link)) == (target / "d" / "f.txt").resolve()
+
+
+# --- restore targets: not empty, read-only source, ownership, a full disk ---------------------
+
+
+def small_tree(root: Path) -> None:
+    """Files owned by other users, odd modes, fixed mtimes, a symlink, a nested dir."""
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "same.txt").write_text("from the snapshot\n")
+    (root / "d" / "e" / "deep.bin").write_bytes(bytes(range(256)) * 40)
+    (root / "link").symlink_to("d/e/deep.bin")
+    os.chown(root / "same.txt", 1234, 5678)
+    os.chown(root / "d", 4321, 8765)
+    os.lchown(root / "link", 1111, 2222)
+    os.chmod(root / "same.txt", 0o604)
+    os.chmod(root / "d" / "e" / "deep.bin", 0o751)
+    for path in [root / "same.txt", root / "d" / "e" / "deep.bin", root / "d" / "e", root / "d"]:
+        os.utime(path, (MTIME, MTIME + 7))
+
+
+def owners(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        p.relative_to(root).as_posix(): (p.lstat().st_uid, p.lstat().st_gid)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_restore_into_a_non_empty_target_from_a_read_only_copy(
+    job_env: dict[str, str], tmp_path: Path
+) -> None:
+    root = tmp_path / "src"
+    small_tree(root)
+    target = tmp_path / "target"
+    src = Source(root, tmp_path, (), describe(root))
+    env = agent_env(job_env, src, target)
+    snap = run_baqup(["--schema", str(SCHEMA), "snapshot"], env)
+    assert snap.returncode == 0, snap.stderr[-3000:]
+    assert run_baqup(["verify", str(job_dir(env))], env, tool=True).returncode == 0
+    copy = tmp_path / "copied" / "snap"
+    shutil.copytree(job_dir(env), copy)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    subprocess.run(["mount", "--bind", str(copy), str(read_only)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(read_only)], check=True)
+        before = {p.name: p.read_bytes() for p in read_only.iterdir() if p.is_file()}
+        target.mkdir()
+        (target / "same.txt").write_text("the live copy, replaced\n")
+        (target / "keep.txt").write_text("not in the snapshot, kept\n")
+        renv = restore_env(env, BAQUP_RESTORE_FROM=str(read_only))
+        restore = run_baqup(["--schema", str(SCHEMA), "restore"], renv)
+        assert restore.returncode == 0, restore.stderr[-3000:]
+        restored = describe(target)
+        assert restored.pop("keep.txt")[0] == "file"  # nothing else removed
+        assert restored == src.expected  # bytes, modes, mtimes, link target
+        assert (target / "keep.txt").read_text() == "not in the snapshot, kept\n"
+        got = owners(target)
+        del got["keep.txt"]
+        assert got == owners(root)  # run as root: ownership restored too
+        assert {p.name: p.read_bytes() for p in read_only.iterdir() if p.is_file()} == before
+        jid = renv["BAQUP_JOB_ID"]
+        status = file_bus(renv, f"{prefix(renv)}status:{jid}")[-1]
+        assert status["restored_from"]["path"] == str(read_only)
+        progress = file_bus(renv, f"{prefix(renv)}progress:{jid}")
+        assert progress[-1]["files_processed"] == 2
+        assert progress[-1]["percent_complete"] == 100
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+
+
+def test_a_target_on_a_full_disk_is_exit_74(job_env: dict[str, str], tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "big.bin").write_bytes(os.urandom(3 << 20))
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        env = agent_env(job_env, Source(root, tmp_path, (), {}), full / "target")
+        assert run_baqup(["--schema", str(SCHEMA), "snapshot"], env).returncode == 0
+        manifest = (job_dir(env) / "manifest.json").read_bytes()
+        renv = restore_env(env)
+        restore = run_baqup(["--schema", str(SCHEMA), "restore"], renv)
+        assert restore.returncode == 74, restore.stderr[-3000:]
+        status = file_bus(renv, f"{prefix(renv)}status:{renv['BAQUP_JOB_ID']}")[-1]
+        assert status["exit_code"] == 74
+        assert "No space left on device" in restore.stderr  # the child's own message
+        assert (job_dir(env) / "manifest.json").read_bytes() == manifest
+        assert run_baqup(["verify", str(job_dir(env))], env, tool=True).returncode == 0
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

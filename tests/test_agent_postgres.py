@@ -2,9 +2,11 @@
 
 `baqup-run --schema docker/agent-postgres/agent-schema.json snapshot` runs pg_dump as
 the schema says (its stdout captured as `db.dump`, compressed and checksummed on the
-fly), `baqup verify` accepts the job dir, and `baqup-run ... restore` with the same job
-id streams the verified artifact into pg_restore or psql. Every table is compared
-with the original, for both dump formats and both buses. The server only accepts TCP
+fly), `baqup verify` accepts the job dir, the database is dropped, and `baqup-run ...
+restore`, a job of its own (its own job id, reading the snapshot from
+BAQUP_RESTORE_FROM), creates it again from the verified artifact with pg_restore or psql.
+Every table is compared with the original, for both dump formats and both buses, and
+the snapshot's keys and files are compared before and after. The server only accepts TCP
 connections with the password (scram-sha-256) and the jobs get no PGPASSWORD and no
 pgpass file, so a passing round trip proves BAQUP_SECRET_DB_PASSWORD -> PGPASSWORD;
 the password must then appear in no output and no bus message.
@@ -12,9 +14,12 @@ the password must then appear in no output and no bus message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +28,16 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import PYTHON, REPO, RedisServer, run_baqup
-from tests.jobs import NotifyListener, job_dir, log_records, prefix, read_hash, redis_env
+from tests.conftest import PYTHON, REPO, RedisServer, free_port, run_baqup
+from tests.jobs import (
+    NotifyListener,
+    job_dir,
+    log_records,
+    prefix,
+    read_hash,
+    redis_env,
+    restore_env,
+)
 from tests.postgres import PostgresServer, pg_env, psql
 
 SCHEMA = REPO / "docker" / "agent-postgres" / "agent-schema.json"
@@ -129,7 +142,7 @@ def fresh_database(server: PostgresServer) -> str:
 
 def seeded_database(server: PostgresServer) -> tuple[str, dict[str, str]]:
     db = fresh_database(server)
-    psql(server, SEED, db)
+    psql(server, SEED + "ANALYZE;", db)
     original = contents(server, db)
     assert sorted(t for t in original if t != "orders_id_seq") == sorted(TABLES)
     assert len(original["customers"].splitlines()) == 3000
@@ -138,6 +151,32 @@ def seeded_database(server: PostgresServer) -> tuple[str, dict[str, str]]:
     assert "\\N" in original["customers"]
     assert UNICODE in original["customers"]
     return db, original
+
+
+def drop(server: PostgresServer, db: str) -> None:
+    psql(server, f"DROP DATABASE {db} WITH (FORCE);")
+    assert not database_exists(server, db)
+
+
+def database_exists(server: PostgresServer, db: str) -> bool:
+    return psql(server, f"SELECT count(*) FROM pg_database WHERE datname = '{db}';").strip() == "1"
+
+
+def snapshot_files(env: dict[str, str]) -> dict[str, bytes]:
+    """Every file of the snapshot's job dir, by relative path."""
+    root = job_dir(env)
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def restored_from(env: dict[str, str]) -> dict[str, str]:
+    manifest = (job_dir(env) / "manifest.json").read_bytes()
+    return {
+        "job_id": env["BAQUP_JOB_ID"],
+        "path": str(job_dir(env)),
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+    }
 
 
 def recreate_empty(server: PostgresServer, db: str) -> None:
@@ -191,6 +230,21 @@ def redis_dump(client: redis.Redis, key_prefix: str) -> str:
         else:
             parts.append(f"<{kind!r}>")
     return "\n".join(parts)
+
+
+def job_keys(client: redis.Redis, env: dict[str, str]) -> dict[str, Any]:
+    """Every key of the job `env` names (status, progress, events...), with its value."""
+    found: dict[str, Any] = {}
+    for key in client.scan_iter(match=f"{prefix(env)}*{env['BAQUP_JOB_ID']}*"):
+        kind = client.type(key)
+        if kind == "hash":
+            found[key] = client.hgetall(key)
+        elif kind == "stream":
+            found[key] = client.xrange(key)
+        else:
+            found[key] = client.get(key) if kind == "string" else kind
+    assert found, "the job wrote no key"
+    return found
 
 
 def file_bus_dump(env: dict[str, str]) -> str:
@@ -263,23 +317,52 @@ def test_round_trip(
             snapshot_status = status_from_file(env)
         assert_snapshot_status(snapshot_status, env)
 
-        recreate_empty(server, db)
-        restore = baqup_run("restore", env)
+        metadata = manifest["source_metadata"]
+        assert metadata["type"] == "postgresql"
+        assert (metadata["host"], metadata["port"]) == ("127.0.0.1", server.port)
+        assert (metadata["database"], metadata["dump_format"]) == (db, fmt)
+        assert metadata["server_version"]
+        assert metadata["encoding"] == "UTF8"
+        assert metadata["row_counts"] == {
+            "public.blobs": 2001,
+            "public.customers": 3000,
+            "public.orders": 4000,
+            "public.Ünïcode tablé": 500,
+        }
+        if bus == "redis":
+            progress = read_hash(redis_client, f"{prefix(env)}progress:{env['BAQUP_JOB_ID']}")
+        else:
+            progress = file_bus_lines(env, f"{prefix(env)}progress:{env['BAQUP_JOB_ID']}")[-1]
+        assert progress.get("current_file") in {f"public.{t}" for t in TABLES}, progress
+        assert progress["bytes_processed"] > 0
+        before = snapshot_files(env), job_keys(redis_client, env) if bus == "redis" else {}
+
+        drop(server, db)
+        renv = restore_env(env)
+        restore = baqup_run("restore", renv)
         assert restore.returncode == 0, restore.stderr[-3000:]
         assert contents(server, db) == original
-        # the restore wrote no second manifest and left the committed job valid
-        assert manifest_of(env) == manifest
+        # the restore wrote no file and no key of the snapshot
+        assert snapshot_files(env) == before[0]
         verify(job_dir(env), env)
+        assert not (job_dir(renv) / "manifest.json").exists()
         if bus == "redis":
-            status = read_hash(redis_client, f"{prefix(env)}status:{env['BAQUP_JOB_ID']}")
+            status = read_hash(redis_client, f"{prefix(env)}status:{renv['BAQUP_JOB_ID']}")
+            assert job_keys(redis_client, env) == before[1]
             assert listener is not None
             notified = listener.collect(
                 lambda msgs: sum(m.get("type") == "status" for m in msgs) >= 2, timeout=10
             )
             bus_text = redis_dump(redis_client, prefix(env)) + json.dumps(notified)
         else:
-            status = status_from_file(env)
+            status = status_from_file(renv)
             bus_text = file_bus_dump(env)
+        assert snapshot_status == (
+            read_hash(redis_client, f"{prefix(env)}status:{env['BAQUP_JOB_ID']}")
+            if bus == "redis"
+            else status_from_file(env)
+        )
+        assert status["restored_from"] == restored_from(env)
         assert status["role"] == "restore"
         assert status["status"] == "success"
         assert status["exit_code"] == 0
@@ -339,9 +422,10 @@ def test_encrypted_round_trip(postgres_server: PostgresServer, job_env: dict[str
     assert stored.startswith(b"BAQUPENC")
     assert b"customers" not in stored  # not even the table names are readable
 
-    recreate_empty(server, db)
+    drop(server, db)
+    renv = restore_env(env)
     # BAQUP_ARTIFACT_ENCRYPT=true without its key is a configuration error (64) ...
-    keyless = {k: v for k, v in env.items() if k != "BAQUP_SECRET_ENCRYPTION_KEY"}
+    keyless = {k: v for k, v in renv.items() if k != "BAQUP_SECRET_ENCRYPTION_KEY"}
     misconfigured = baqup_run("restore", keyless)
     assert misconfigured.returncode == 64, misconfigured.stderr[-3000:]
     assert "BAQUP_SECRET_ENCRYPTION_KEY" in misconfigured.stderr
@@ -350,10 +434,10 @@ def test_encrypted_round_trip(postgres_server: PostgresServer, job_env: dict[str
     del keyless["BAQUP_ARTIFACT_ENCRYPT"]
     refused = baqup_run("restore", keyless)
     assert refused.returncode == 65, refused.stderr[-3000:]
-    assert status_from_file(env)["error"]["code"] == "DECRYPTION_FAILED"
-    assert tables_of(server, db) == []
+    assert status_from_file(renv)["error"]["code"] == "DECRYPTION_FAILED"
+    assert not database_exists(server, db)  # nothing decrypted, nothing created
 
-    restore = baqup_run("restore", env)
+    restore = baqup_run("restore", renv)
     assert restore.returncode == 0, restore.stderr[-3000:]
     assert contents(server, db) == original
     for result in (snap, misconfigured, refused, restore):
@@ -377,15 +461,165 @@ def test_tampered_artifact_is_never_restored(
     check = run_baqup(["verify", str(job_dir(env))], env, tool=True)
     assert check.returncode == 65
 
-    recreate_empty(server, db)
-    restore = baqup_run("restore", env)
+    drop(server, db)
+    renv = restore_env(env)
+    restore = baqup_run("restore", renv)
     assert restore.returncode == 65, restore.stderr[-3000:]
     records = log_records(restore.stderr)
     assert records, restore.stderr[-2000:]
     assert not any(r.get("message") == "child started" for r in records)
-    assert tables_of(server, db) == []
-    status = status_from_file(env)
+    assert not database_exists(server, db)
+    status = status_from_file(renv)
     assert status["role"] == "restore"
     assert status["status"] == "failed"
     assert status["exit_code"] == 65
     assert status["error"]["code"] == "CHECKSUM_MISMATCH"
+
+
+# --- restore targets: existing, renamed, read-only source, refused, failing -------------------
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_restore_into_an_existing_database_replaces_its_objects(
+    fmt: str, postgres_server: PostgresServer, job_env: dict[str, str]
+) -> None:
+    server = postgres_server
+    db, original = seeded_database(server)
+    env = agent_env(job_env, server, db, fmt)
+    assert baqup_run("snapshot", env).returncode == 0
+    psql(server, "DELETE FROM orders WHERE id % 2 = 0; UPDATE customers SET name = 'x';", db)
+    psql(server, "CREATE TABLE unrelated (id integer); INSERT INTO unrelated VALUES (7);", db)
+    restore = baqup_run("restore", restore_env(env))
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    after = contents(server, db)
+    assert after.pop("unrelated") == "7\n"  # objects not in the dump are left alone
+    assert after == original
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_restore_under_another_name_from_a_read_only_copy(
+    fmt: str, postgres_server: PostgresServer, job_env: dict[str, str], tmp_path: Path
+) -> None:
+    server = postgres_server
+    db, original = seeded_database(server)
+    env = agent_env(job_env, server, db, fmt)
+    assert baqup_run("snapshot", env).returncode == 0
+    copy = tmp_path / "elsewhere" / "snapshot"
+    shutil.copytree(job_dir(env), copy)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    subprocess.run(["mount", "--bind", str(copy), str(read_only)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(read_only)], check=True)
+        with pytest.raises(OSError):
+            (read_only / "probe").write_text("x")  # root too: the mount is read-only
+        before = {p.name: p.read_bytes() for p in read_only.iterdir() if p.is_file()}
+        verify(read_only, env)
+        target = f"{db}_copy"
+        renv = restore_env(env, BAQUP_RESTORE_FROM=str(read_only), BAQUP_TARGET_DATABASE=target)
+        restore = baqup_run("restore", renv)
+        assert restore.returncode == 0, restore.stderr[-3000:]
+        assert contents(server, target) == original
+        assert contents(server, db) == original
+        assert {p.name: p.read_bytes() for p in read_only.iterdir() if p.is_file()} == before
+        status = status_from_file(renv)
+        assert status["restored_from"]["path"] == str(read_only)
+        assert status["restored_from"]["job_id"] == env["BAQUP_JOB_ID"]
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+
+
+def test_a_target_server_that_refuses_the_connection_is_exit_69(
+    postgres_server: PostgresServer, job_env: dict[str, str]
+) -> None:
+    server = postgres_server
+    db, _ = seeded_database(server)
+    env = agent_env(job_env, server, db, "custom")
+    assert baqup_run("snapshot", env).returncode == 0
+    renv = restore_env(env, BAQUP_TARGET_HOST="127.0.0.1", BAQUP_TARGET_PORT=str(free_port()))
+    restore = baqup_run("restore", renv)
+    assert restore.returncode == 69, restore.stderr[-3000:]
+    child = [r["message"] for r in log_records(restore.stderr) if r.get("component") == "child"]
+    assert any("does not answer (connection refused" in m for m in child), child
+    assert status_from_file(renv)["exit_code"] == 69
+
+
+def test_a_failing_plain_restore_leaves_nothing_behind(
+    postgres_server: PostgresServer, job_env: dict[str, str]
+) -> None:
+    """One transaction: a restore failing midway leaves an existing database as it was,
+    and drops a database it created."""
+    server = postgres_server
+    db, original = seeded_database(server)
+    env = agent_env(job_env, server, db, "plain")
+    assert baqup_run("snapshot", env).returncode == 0
+    # a view on `orders` makes the dump's DROP TABLE orders fail (ON_ERROR_STOP) midway
+    psql(server, "CREATE VIEW keep_me AS SELECT id FROM orders;", db)
+    failed = baqup_run("restore", restore_env(env))
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    after = contents(server, db)
+    assert after.pop("keep_me")
+    assert after == original  # nothing replaced, nothing partial
+
+
+def test_a_restore_failing_into_a_missing_database_drops_it(
+    postgres_server: PostgresServer, job_env: dict[str, str]
+) -> None:
+    server = postgres_server
+    db, _ = seeded_database(server)
+    # only a superuser may create a function in language internal: the restore fails
+    psql(server, "CREATE FUNCTION my_abs(int) RETURNS int LANGUAGE internal AS 'int4abs';", db)
+    role = f"restorer_{uuid.uuid4().hex[:8]}"
+    psql(server, f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{server.password}';")
+    env = agent_env(job_env, server, db, "custom")
+    assert baqup_run("snapshot", env).returncode == 0
+    target = f"{db}_new"
+    renv = restore_env(env, BAQUP_TARGET_DATABASE=target, BAQUP_SOURCE_USER=role)
+    failed = baqup_run("restore", renv)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    child = [r["message"] for r in log_records(failed.stderr) if r.get("component") == "child"]
+    assert any(f"dropping the database {target}" in m for m in child), child
+    assert not database_exists(server, target)
+
+
+ALTER_IN_PLACE = """python3 - <<'PY'
+import os
+path = os.path.join(os.environ["BAQUP_RESTORE_FROM"], "db.dump.zst")
+with open(path, "r+b") as handle:  # same inode: the verified, open file changes
+    handle.seek(-10, 2)
+    last = handle.read(1)
+    handle.seek(-10, 2)
+    handle.write(bytes([last[0] ^ 0xFF]))
+PY
+"""
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_an_artifact_changed_while_streaming_creates_no_database(
+    fmt: str, postgres_server: PostgresServer, job_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Changed after verification, before its end is fed: the end (and EOF) never reach
+    psql or pg_restore, the child is stopped, and the database it created is dropped."""
+    server = postgres_server
+    db, _ = seeded_database(server)
+    # some MiB stored, so the feeder is still reading the file when it changes
+    hexes = " || ".join(f"md5(g::text || '{n}')" for n in range(4))
+    psql(
+        server, f"CREATE TABLE big AS SELECT g, {hexes} AS t FROM generate_series(1, 60000) g;", db
+    )
+    env = agent_env(job_env, server, db, fmt)
+    assert baqup_run("snapshot", env).returncode == 0
+    assert manifest_of(env)["artifacts"][0]["size_bytes"] > 4 << 20
+    schema = json.loads(SCHEMA.read_text())
+    restore_cmd = schema["x-baqup-agent"]["commands"]["restore"]
+    restore_cmd["argv"][-1] = ALTER_IN_PLACE + restore_cmd["argv"][-1]
+    altered = tmp_path / "agent-schema.json"
+    altered.write_text(json.dumps(schema))
+    copy = tmp_path / "copy"
+    shutil.copytree(job_dir(env), copy)
+    target = f"{db}_changed"
+    renv = restore_env(env, BAQUP_RESTORE_FROM=str(copy), BAQUP_TARGET_DATABASE=target)
+    result = run_baqup(["--schema", str(altered), "--grace", "5", "restore"], renv, timeout=90)
+    assert result.returncode == 65, result.stderr[-3000:]
+    assert status_from_file(renv)["error"]["code"] == "CHECKSUM_MISMATCH"
+    assert not database_exists(server, target), result.stderr[-3000:]

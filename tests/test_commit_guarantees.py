@@ -25,7 +25,17 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer, python_child, run_baqup
-from tests.jobs import Job, job_dir, log_records, prefix, read_hash, redis_env, start_job, wait_for
+from tests.jobs import (
+    Job,
+    job_dir,
+    log_records,
+    prefix,
+    read_hash,
+    redis_env,
+    restore_env,
+    start_job,
+    wait_for,
+)
 
 VICTIM = b"precious bytes outside the job\n" * 64
 
@@ -721,11 +731,13 @@ def test_a_restore_reads_a_committed_job_dir_and_commits_nothing_undeclared(
     assert job(env, WRITES_DUMP).returncode == 0
     manifest = (job_dir(env) / "manifest.json").read_bytes()
     code = "import os; open(os.path.join(os.environ['BAQUP_WORK_DIR'], 'scratch'), 'w').write('x')"
-    restored = job(env, code, "--role", "restore")
+    own = restore_env(env)
+    restored = job(own, code, "--role", "restore")
     assert restored.returncode == 0, restored.stderr[-3000:]
     assert (job_dir(env) / "manifest.json").read_bytes() == manifest
-    assert not (job_dir(env) / "scratch").exists()
-    status = status_of(redis_client, env)
+    assert not (job_dir(own) / "scratch").exists()
+    assert not (job_dir(own) / "manifest.json").exists()
+    status = status_of(redis_client, own)
     assert (status["role"], status["status"], status["files"]) == ("restore", "success", [])
 
 

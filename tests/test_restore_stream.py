@@ -26,7 +26,7 @@ import pytest
 import zstandard
 
 from tests.conftest import PYTHON
-from tests.jobs import Job, job_dir, log_records, start_job
+from tests.jobs import Job, job_dir, log_records, restore_env, start_job
 from tests.test_extract_guarantees import PEAK_LIMIT_KIB, GiB, MiB, run_measured
 
 SNAPSHOT = """
@@ -74,10 +74,9 @@ def snapshot(env: Mapping[str, str], files: list[Path]) -> Path:
 
 
 def restore(env: Mapping[str, str], name: str, **extra: str) -> Job:
-    restore_env = {**env, **extra}
     code = textwrap.dedent(RESTORE)
     args = ["--role", "restore", "--stdin-artifact", name, "--grace", "2"]
-    return start_job([*args, "--", PYTHON, "-c", code], restore_env, name="restore")
+    return start_job([*args, "--", PYTHON, "-c", code], restore_env(env, **extra), name="restore")
 
 
 def manifest(directory: Path) -> dict[str, Any]:
@@ -206,7 +205,7 @@ def test_a_zstd_bomb_is_restored_in_bounded_memory(tmp_path: Path, job_env: dict
     directory = snapshot(job_env, [bomb])
     entry = manifest(directory)["artifacts"][0]
     assert entry["compression"] == "zstd"
-    env = {**job_env, "OUTPUT": str(tmp_path / "count")}
+    env = restore_env(job_env, OUTPUT=str(tmp_path / "count"))
     argv = [sys.executable, "-m", "baqup_supervisor", "--role", "restore"]
     argv += ["--stdin-artifact", "db.sql", "--", PYTHON, "-c", COUNT]
     result, peak = run_measured(argv, tmp_path, env=env)

@@ -39,6 +39,7 @@ from tests.jobs import (
     read_hash,
     read_stream,
     redis_env,
+    restore_env,
     start_job,
     wait_for,
 )
@@ -112,7 +113,7 @@ def baqup_verify(directory: Path) -> tuple[int, dict[str, Any]]:
 
 
 def restore(env: Mapping[str, str], jobs: list[Job], name: str = "data.bin") -> Job:
-    return py_job(RESTORE, env, jobs, "--role", "restore", "--stdin-artifact", name)
+    return py_job(RESTORE, restore_env(env), jobs, "--role", "restore", "--stdin-artifact", name)
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
