@@ -51,7 +51,8 @@ def supported_compression() -> list[str]:
 def supported_encryption() -> list[str]:
     if find_spec("cryptography") is None:
         return []
-    return ["aes-256-gcm", "chacha20-poly1305"]
+    # the two baqup-stream-v2 algorithms, and age v1 files to X25519 recipients
+    return ["aes-256-gcm", "chacha20-poly1305", "age"]
 
 
 def roles(meta: Mapping[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ from .child import set_child_subreaper
 from .cli import RunRequest
 from .config import load_config
 from .contract import ROLES, AgentState, ExitCode, LogLevel
-from .encryption import KEY_VARIABLE, parse_key
+from .encryption import IDENTITY_VARIABLE, KEY_VARIABLE
 from .errors import BaqupError, JobFailed, ShutdownRequested, UsageError
 from .logs import Logger, logger_from_environ
 from .session import Session
@@ -102,8 +102,7 @@ def run_job(request: RunRequest) -> int:
     if supervisor.stdout_artifact is not None:
         supervisor.prepare_capture(config.secret(KEY_VARIABLE))
     if supervisor.stdin_artifact:
-        key = config.secret(KEY_VARIABLE)
-        supervisor.key = parse_key(key) if key is not None else None
+        supervisor.prepare_restore(config.secret(KEY_VARIABLE), config.secret(IDENTITY_VARIABLE))
     return _drive(session, supervisor, log)
 
 
