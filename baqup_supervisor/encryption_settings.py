@@ -37,6 +37,14 @@ def recipients_of(values: Mapping[str, Any]) -> list[str]:
     return [str(r).strip() for r in values.get(RECIPIENTS_VARIABLE) or () if str(r).strip()]
 
 
+def identity_lines(identity: Secret | None) -> list[str]:
+    """The key lines of an identity secret (not its comments, which name public keys)."""
+    if identity is None:
+        return []
+    lines = (line.strip() for line in identity.reveal().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def _secret(values: Mapping[str, Any], name: str) -> Secret | None:
     value = values.get(name)
     if isinstance(value, Secret) and value.reveal().strip():

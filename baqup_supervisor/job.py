@@ -20,6 +20,7 @@ from .cli import RunRequest
 from .config import load_config
 from .contract import ROLES, AgentState, ExitCode, LogLevel
 from .encryption import IDENTITY_VARIABLE, KEY_VARIABLE
+from .encryption_settings import identity_lines
 from .errors import BaqupError, JobFailed, ShutdownRequested, UsageError
 from .logs import Logger, logger_from_environ
 from .session import Session
@@ -75,6 +76,9 @@ def run_job(request: RunRequest) -> int:
     ensure_std_fds()
     environ = dict(os.environ)
     config = load_config(environ, request.schema)
+    # an identity file's text holds comments (its public key) and key lines: each key
+    # line is a secret of its own, wherever it turns up without the rest
+    config.redactor.add(*identity_lines(config.secret(IDENTITY_VARIABLE)))
     boot_log = logger_from_environ(environ, config.redactor)
     for warning in config.warnings:
         boot_log.warn(str(warning), variable=warning.variable)

@@ -488,3 +488,29 @@ def test_info_lists_age_under_encryption(job_env: dict[str, str]) -> None:
     done = run_baqup(["--info"], job_env)
     assert done.returncode == 0, done.stderr
     assert "age" in json.loads(done.stdout)["capabilities"]["encryption"]
+
+
+# Prints each line of its identity secret on its own stderr line, then writes a file.
+PRINTS_IDENTITY = textwrap.dedent(
+    """
+    import os, sys
+    for line in os.environ["BAQUP_SECRET_AGE_IDENTITY"].splitlines():
+        print("line:", line, file=sys.stderr, flush=True)
+    with open(os.path.join(os.environ["BAQUP_WORK_DIR"], "out.txt"), "w") as handle:
+        handle.write("done")
+    """
+)
+
+
+def test_each_key_line_of_an_identity_file_is_redacted_on_its_own(
+    job_env: dict[str, str], keys: list[AgeKey]
+) -> None:
+    text = keys[0].path.read_text()  # age-keygen's: two comments, then the key line
+    env = {**job_env, "BAQUP_SECRET_AGE_IDENTITY": text}
+    done = run_baqup(["--", PYTHON, "-c", PRINTS_IDENTITY], env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = [r["message"] for r in log_records(done.stderr) if r.get("component") == "child"]
+    assert len(child) == 3, child
+    assert keys[0].identity not in done.stderr
+    assert child[2] == "line: [REDACTED]"
+    assert keys[0].recipient in child[1]  # the public key in a comment stays readable
