@@ -14,7 +14,6 @@ the line, not the text.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from importlib.util import find_spec
 from typing import Any
 
 from .encryption import (
@@ -30,6 +29,17 @@ from .secret import Secret
 
 ENCRYPT_VARIABLE = "BAQUP_ARTIFACT_ENCRYPT"
 VARIABLES = frozenset({ENCRYPT_VARIABLE, ALGORITHM_VARIABLE, RECIPIENTS_VARIABLE})
+
+
+def crypto_available() -> bool:
+    """Whether the crypto extra imports (installed is not enough: a broken or
+    mismatched native wheel is found but fails at the first artifact)."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric import x25519  # noqa: F401
+        from cryptography.hazmat.primitives.ciphers import aead  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def recipients_of(values: Mapping[str, Any]) -> list[str]:
@@ -72,7 +82,7 @@ def encryption_problems(
         )
     if not (encrypt or identity or recipients):
         return problems
-    if find_spec("cryptography") is None:
+    if not crypto_available():
         return [
             *problems,
             (

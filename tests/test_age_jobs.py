@@ -452,7 +452,9 @@ def test_recipient_settings_that_cannot_work_are_64(
 def test_validate_checks_recipients_and_identity_and_never_echoes_the_identity(
     job_env: dict[str, str], keys: list[AgeKey]
 ) -> None:
-    good = age_env(job_env, keys[:2], BAQUP_ARTIFACT_ENCRYPT_ALGORITHM="chacha20-poly1305")
+    good = age_env(job_env, [], BAQUP_ARTIFACT_ENCRYPT_ALGORITHM="chacha20-poly1305")
+    # the JSON form of a multi-value (INTERFACE §6)
+    good["BAQUP_ARTIFACT_ENCRYPT_RECIPIENTS"] = json.dumps([k.recipient for k in keys[:2]])
     code, report, _ = validate(good)
     assert (code, report["errors"]) == (0, [])
     restore_env = {
@@ -514,3 +516,41 @@ def test_each_key_line_of_an_identity_file_is_redacted_on_its_own(
     assert keys[0].identity not in done.stderr
     assert child[2] == "line: [REDACTED]"
     assert keys[0].recipient in child[1]  # the public key in a comment stays readable
+
+
+def test_validate_says_when_the_crypto_extra_does_not_import(
+    job_env: dict[str, str], keys: list[AgeKey], tmp_path: Path
+) -> None:
+    shadow = tmp_path / "shadow" / "cryptography"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('a broken native wheel')\n")
+    env = age_env(job_env, keys[:1], PYTHONPATH=str(shadow.parent))
+    code, report, _ = validate(env)
+    assert code == 64
+    [problem] = report["errors"]
+    assert problem["variable"] == "BAQUP_ARTIFACT_ENCRYPT"
+    assert "crypto extra" in problem["message"]
+    info = run_baqup(["--info"], env)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["capabilities"]["encryption"] == []
+
+
+def test_decrypt_with_an_unreadable_or_bad_identity_file_is_64(
+    keys: list[AgeKey], tmp_path: Path
+) -> None:
+    part = tmp_path / "dump.sql.age"
+    part.write_bytes(
+        subprocess.run(
+            ["age", "-r", keys[0].recipient], input=b"x", capture_output=True, check=True
+        ).stdout
+    )
+    missing = tool_decrypt([part], "-i", str(tmp_path / "no-such-key.txt"))
+    assert missing.returncode == 64, missing.stderr
+    assert b"no-such-key.txt" in missing.stderr
+    bad = tmp_path / "bad.txt"
+    bad.write_text("# a comment\nAGE-SECRET-KEY-1NOTAKEY\n")
+    refused = tool_decrypt([part], "-i", str(bad))
+    assert refused.returncode == 64, refused.stderr
+    assert b"line 2" in refused.stderr
+    assert b"NOTAKEY" not in refused.stderr
+    assert missing.stdout == refused.stdout == b""
