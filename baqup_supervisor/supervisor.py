@@ -146,7 +146,11 @@ class Supervisor(ProcessControl):
         s = self.settings
         if not s.encrypt:
             return None
-        return new_encryptor(self.key, s.encrypt_algorithm_given, s.encrypt_recipients)
+        # a symmetric key takes the algorithm with its default (an agent's schema may
+        # change that); recipients only what was set, so that none implies chacha20
+        recipients = s.encrypt_recipients
+        algorithm = s.encrypt_algorithm_given if recipients else s.encrypt_algorithm
+        return new_encryptor(self.key, algorithm, recipients)
 
     def checkpoint(self) -> None:
         """Between INITIALIZING steps: a SIGTERM/SIGINT ends the job; so does the phase timeout."""
