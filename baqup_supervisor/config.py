@@ -3,8 +3,9 @@
 Owns: finding and loading the agent's `agent-schema.json`, merging it over the
 contract's own schema (shipped in `data/contract-schema.json`), coercing every
 environment string by its declared type, validating with `jsonschema` (draft
-2020-12, formats asserted), applying defaults, and reporting every problem at once,
-each naming its variable. Never: echo a `BAQUP_SECRET_*` value, exit the process, or
+2020-12, formats asserted), applying defaults, checking the encryption settings as a
+whole (encryption_settings.py), and reporting every problem at once, each naming its
+variable. Never: echo a `BAQUP_SECRET_*` value, exit the process, or
 touch anything but the files it reads.
 """
 
