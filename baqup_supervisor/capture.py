@@ -1,10 +1,11 @@
 """Streaming capture: a child's stdout becomes an artifact in one pass.
 
 `ArtifactSink` takes raw bytes as they come, compresses them (compression.py),
-encrypts them (encryption.py), splits them into parts no larger than the split size,
-and hashes and writes each part, counting raw and stored bytes for progress and the
-compression ratio. Nothing is ever read back. The parts become declared artifacts
-with their checksums already known, so the commit does not hash them again.
+encrypts them (encryption.py's `new_encryptor`: baqup-stream-v2 `.enc` or age `.age`),
+splits them into parts no larger than the split size, and hashes and writes each
+part, counting raw and stored bytes for progress and the compression ratio. Nothing
+is ever read back. The parts become declared artifacts with their checksums already
+known, so the commit does not hash them again.
 
 Every part (the first too) is created fresh (`O_CREAT | O_EXCL | O_NOFOLLOW`) through a
 descriptor on the work dir baqup-run opened: a name already there, a planted symlink or
@@ -18,14 +19,18 @@ import os
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from .checksum import Hasher, new_hasher
 from .compression import Choice, compressor, worker_threads
 from .dirfd import create_exclusive, lstat_at, open_parent
-from .encryption import FORMAT, StreamEncryptor
+from .encryption import StreamEncryptor
 from .errors import SecurityViolation
 from .names import artifact_name, safe_relative
 from .staging import Artifact, io_error
+
+if TYPE_CHECKING:
+    from .age import AgeEncryptor
 
 
 @dataclass
@@ -47,11 +52,13 @@ class ArtifactSink:
         checksum_algorithm: str,
         parallelism: int = 0,
         split_size: int = 0,
-        encryptor: StreamEncryptor | None = None,
+        encryptor: StreamEncryptor | AgeEncryptor | None = None,
         key_id: str | None = None,
     ) -> None:
         relative = str(safe_relative(name))
-        self.base = artifact_name(relative + compression.suffix + (".enc" if encryptor else ""))
+        # `.enc` (baqup-stream-v2) or `.age` after the compression suffix: db.sql.zst.age
+        suffix = encryptor.suffix if encryptor is not None else ""
+        self.base = artifact_name(relative + compression.suffix + suffix)
         parents = PurePosixPath(self.base).parts[:-1]
         try:
             self._dir_fd = open_parent(
@@ -76,6 +83,16 @@ class ArtifactSink:
         except BaseException:
             self._close_dir()
             raise
+
+    @property
+    def encryption(self) -> dict[str, object]:
+        """The manifest's `encryption` object: the encryptor's own (format, algorithm or
+        recipients), with the key id only beside a symmetric key (it names that key)."""
+        assert self.encryptor is not None
+        described = dict(self.encryptor.manifest)
+        if self.key_id and isinstance(self.encryptor, StreamEncryptor):
+            described["key_id"] = self.key_id
+        return described
 
     def _leaf(self, name: str) -> str:
         return name[len(self._prefix) :]
@@ -185,11 +202,7 @@ class ArtifactSink:
             if count > 1:
                 extra.update(part=index, parts=count, original=self.base)
             if self.encryptor is not None:
-                extra["encryption"] = {
-                    "format": FORMAT,
-                    "algorithm": self.encryptor.algorithm,
-                    **({"key_id": self.key_id} if self.key_id else {}),
-                }
+                extra["encryption"] = self.encryption
             artifacts.append(
                 Artifact(
                     part.name,

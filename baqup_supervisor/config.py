@@ -3,8 +3,9 @@
 Owns: finding and loading the agent's `agent-schema.json`, merging it over the
 contract's own schema (shipped in `data/contract-schema.json`), coercing every
 environment string by its declared type, validating with `jsonschema` (draft
-2020-12, formats asserted), applying defaults, and reporting every problem at once,
-each naming its variable. Never: echo a `BAQUP_SECRET_*` value, exit the process, or
+2020-12, formats asserted), applying defaults, checking the encryption settings as a
+whole (encryption_settings.py), and reporting every problem at once, each naming its
+variable. Never: echo a `BAQUP_SECRET_*` value, exit the process, or
 touch anything but the files it reads.
 """
 
@@ -323,6 +324,7 @@ class Config:
     schema_path: Path | None
     redactor: Redactor = field(repr=False, compare=False)
     agent_properties: tuple[str, ...] = ()  # the variables the agent's own schema declares
+    set_names: frozenset[str] = frozenset()  # the variables the environment set (not defaults)
 
     @property
     def valid(self) -> bool:
@@ -335,6 +337,10 @@ class Config:
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.values.get(name, default)
+
+    def given(self, name: str) -> bool:
+        """Whether the environment set `name` (its value may still be the default)."""
+        return name in self.set_names
 
     def secret(self, name: str) -> Secret | None:
         value = self.values.get(name)
@@ -358,6 +364,12 @@ def _variable_of(error: ValidationError) -> list[str]:
     expected: Any = error.validator_value
     if error.validator == "required":
         return [str(n) for n in expected if n not in instance]
+    if error.validator in ("anyOf", "oneOf") and isinstance(expected, list):
+        # "one of these must be set": named by the first choice (the message lists all)
+        for branch in expected:
+            needed = branch.get("required") if isinstance(branch, dict) else None
+            if isinstance(needed, list) and needed:
+                return [str(needed[0])]
     if error.validator == "dependentRequired":
         missing: list[str] = []
         for trigger, needed in expected.items():
@@ -531,6 +543,11 @@ def load_config(
     for name, text in env.items():
         if name.startswith(SECRET_PREFIX):
             values[name] = Secret(text)
+    from .encryption_settings import VARIABLES, encryption_problems
+
+    if not unparsable & VARIABLES:  # a value that did not parse is its own problem already
+        for variable, message in encryption_problems(values, frozenset(env)):
+            problems.append(Problem(variable, redactor.redact(message), "encryption"))
     return Config(
         values=values,
         problems=tuple(problems),
@@ -539,6 +556,7 @@ def load_config(
         schema_path=path,
         redactor=redactor,
         agent_properties=tuple((agent_schema or {}).get("properties", {})),
+        set_names=frozenset(env),
     )
 
 

@@ -49,9 +49,12 @@ def supported_compression() -> list[str]:
 
 
 def supported_encryption() -> list[str]:
-    if find_spec("cryptography") is None:
+    from .encryption_settings import crypto_available
+
+    if not crypto_available():
         return []
-    return ["aes-256-gcm", "chacha20-poly1305"]
+    # the two baqup-stream-v2 algorithms, and age v1 files to X25519 recipients
+    return ["aes-256-gcm", "chacha20-poly1305", "age"]
 
 
 def roles(meta: Mapping[str, Any]) -> list[str]:

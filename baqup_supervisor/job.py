@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .child import set_child_subreaper
 from .cli import RunRequest
 from .config import load_config
 from .contract import ROLES, AgentState, ExitCode, LogLevel
-from .encryption import KEY_VARIABLE, parse_key
+from .encryption import IDENTITY_VARIABLE, KEY_VARIABLE
+from .encryption_settings import identity_lines
 from .errors import BaqupError, DataError, JobFailed, ShutdownRequested, UsageError
 from .logs import Logger, logger_from_environ
 from .names import MANIFEST
@@ -30,7 +32,7 @@ from .supervisor import Supervisor
 from .tracing import keep_out as keep_out_tracing
 
 if TYPE_CHECKING:
-    from .restore import RestoreSource
+    from .restore import RestoreSource, StoredArtifact
 
 
 def ensure_std_fds() -> None:
@@ -79,6 +81,9 @@ def run_job(request: RunRequest) -> int:
     ensure_std_fds()
     environ = dict(os.environ)
     config = load_config(environ, request.schema)
+    # an identity file's text holds comments (its public key) and key lines: each key
+    # line is a secret of its own, wherever it turns up without the rest
+    config.redactor.add(*identity_lines(config.secret(IDENTITY_VARIABLE)))
     boot_log = logger_from_environ(environ, config.redactor)
     for warning in config.warnings:
         boot_log.warn(str(warning), variable=warning.variable)
@@ -106,8 +111,7 @@ def run_job(request: RunRequest) -> int:
     if supervisor.stdout_artifact is not None:
         supervisor.prepare_capture(config.secret(KEY_VARIABLE))
     if supervisor.stdin_artifact:
-        key = config.secret(KEY_VARIABLE)
-        supervisor.key = parse_key(key) if key is not None else None
+        supervisor.prepare_restore(config.secret(KEY_VARIABLE), config.secret(IDENTITY_VARIABLE))
     restore = RestoreStep(session, supervisor, environ) if settings.role == "restore" else None
     return _drive(session, supervisor, log, restore)
 
@@ -158,12 +162,12 @@ class RestoreStep:
             self.session.log.info("restore source verified", path=str(self.path))
             return
         stored = locate(self.source.path, name, self.source.manifest)
-        if stored.encrypted and supervisor.key is None:
+        needs = _missing_decryption(stored, supervisor)
+        if needs is not None:
             # refused before the child starts: it would act on an empty stream (create
             # a database, say) before the feeder could fail
             raise DataError(
-                f"{name} is encrypted: set the key (BAQUP_SECRET_ENCRYPTION_KEY) to restore it",
-                code="DECRYPTION_FAILED",
+                f"{name} is encrypted: set {needs} to restore it", code="DECRYPTION_FAILED"
             )
         supervisor.restore_source = stored
         self.session.log.info(
@@ -173,6 +177,15 @@ class RestoreStep:
             parts=len(stored.paths),
             bytes=stored.size,
         )
+
+
+def _missing_decryption(stored: StoredArtifact, supervisor: Supervisor) -> str | None:
+    """The variable a restore of this encrypted artifact lacks, or None."""
+    if not stored.encrypted:
+        return None
+    if ".age" in PurePosixPath(stored.paths[0].name).suffixes:
+        return None if supervisor.identities else IDENTITY_VARIABLE
+    return None if supervisor.key is not None else KEY_VARIABLE
 
 
 def _drive(

@@ -33,15 +33,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
 from .checksum import ALGORITHMS, new_hasher
 from .compression import CHUNK, ChunkReader, DecodedReader, Readable
-from .encryption import decrypt_stream
+from .encryption import IDENTITY_VARIABLE, KEY_VARIABLE, decrypt_stream
 from .errors import DataError, UsageError
 from .staging import MANIFEST, io_error
+
+if TYPE_CHECKING:
+    from .age import X25519Identity
 
 
 class ConcatReader:
@@ -117,23 +120,30 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def stored_compression(filename: str) -> str:
-    """The compression of a stored artifact from its name (`db.sql.zst.enc.002` is zstd)."""
-    from .staging import compression_of
+ENCRYPTION_SUFFIXES = (".enc", ".age")  # baqup-stream-v1/v2, age v1
 
+
+def _unsealed(filename: str) -> str:
+    """A stored name without its part number and encryption suffix (`db.sql.zst`)."""
     head, dot, tail = filename.rpartition(".")
     if dot and tail.isdigit() and len(tail) == 3:
         filename = head
-    return compression_of(filename.removesuffix(".enc"))
+    for suffix in ENCRYPTION_SUFFIXES:
+        if filename.endswith(suffix):
+            return filename.removesuffix(suffix)
+    return filename
+
+
+def stored_compression(filename: str) -> str:
+    """The compression of a stored artifact from its name (`db.sql.zst.age.002` is zstd)."""
+    from .staging import compression_of
+
+    return compression_of(_unsealed(filename))
 
 
 def _stem(filename: str) -> str:
-    """A manifest filename without part number, `.enc` and compression suffix."""
-    name = filename
-    head, dot, tail = name.rpartition(".")
-    if dot and tail.isdigit() and len(tail) == 3:
-        name = head
-    name = name.removesuffix(".enc")
+    """A manifest filename without part number, encryption and compression suffix."""
+    name = _unsealed(filename)
     for suffix in (".zst", ".gz", ".lz4"):
         name = name.removesuffix(suffix)
     return name
@@ -436,10 +446,17 @@ class Feeder:
     child: its stdin is closed only once it is gone, so an error never looks like EOF).
     """
 
-    def __init__(self, artifact: StoredArtifact, fd: int, key: bytes | None) -> None:
+    def __init__(
+        self,
+        artifact: StoredArtifact,
+        fd: int,
+        key: bytes | None,
+        identities: Sequence[X25519Identity] = (),
+    ) -> None:
         self.artifact = artifact
         self.fd = fd
         self.key = key
+        self.identities = tuple(identities)
         self.bytes = 0
         self.error: BaseException | None = None
         self.broken_pipe = False
@@ -453,12 +470,15 @@ class Feeder:
     def _stored(self, parts: VerifiedParts) -> Readable:
         if not self.artifact.encrypted:
             return parts
-        if self.key is None:
+        if self.key is None and not self.identities:
             raise DataError(
-                f"{self.artifact.name} is encrypted: set the key (BAQUP_SECRET_ENCRYPTION_KEY)",
+                f"{self.artifact.name} is encrypted: set the key ({KEY_VARIABLE}) or, for "
+                f"an age artifact, the identity ({IDENTITY_VARIABLE})",
                 code="DECRYPTION_FAILED",
             )
-        return ChunkReader(decrypt_stream(parts, self.key))
+        # the stream's first bytes say which it is (v1, v2 or age); a missing key or
+        # identity for that one is a DataError there
+        return ChunkReader(decrypt_stream(parts, self.key, self.identities))
 
     def _write(self, data: bytes) -> None:
         _write_all(self.fd, data)

@@ -14,6 +14,8 @@ from typing import Any
 from .coerce import parse_size
 from .config import Config
 from .contract import ROLES
+from .encryption import ALGORITHM_VARIABLE
+from .encryption_settings import recipients_of
 from .info import agent_id as resolve_agent_id
 from .info import agent_name, agent_version
 from .secret import Secret
@@ -61,6 +63,10 @@ class Settings:
     meta: Mapping[str, Any] = field(default_factory=dict, repr=False)
     agent_properties: tuple[str, ...] = ()  # the variables the agent's own schema declares
     values: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    encrypt_recipients: tuple[str, ...] = ()  # age recipients: public, shown and logged
+    # None when BAQUP_ARTIFACT_ENCRYPT_ALGORITHM was not set: recipients then imply
+    # chacha20-poly1305, and only an explicit aes-256-gcm beside them is an error
+    encrypt_algorithm_given: str | None = None
 
     @property
     def job_dir(self) -> Path:
@@ -134,4 +140,8 @@ class Settings:
             meta=meta,
             values=v,
             agent_properties=config.agent_properties,
+            encrypt_recipients=tuple(recipients_of(v)),
+            encrypt_algorithm_given=(
+                v[ALGORITHM_VARIABLE] if config.given(ALGORITHM_VARIABLE) else None
+            ),
         )

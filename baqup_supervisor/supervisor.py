@@ -25,7 +25,7 @@ from .child import describe_exit, spawn
 from .clock import utc_iso
 from .compression import choose
 from .control import ControlMessage, LineSplitter, parse_message
-from .encryption import StreamEncryptor, parse_key
+from .encryption import IDENTITY_VARIABLE, new_encryptor, parse_key
 from .errors import (
     BaqupError,
     DataError,
@@ -43,7 +43,9 @@ from .signals import describe
 from .staging import safe_relative
 
 if TYPE_CHECKING:  # imported where used: a plain job never pays for them
+    from .age import AgeEncryptor, X25519Identity
     from .capture import ArtifactSink
+    from .encryption import StreamEncryptor
     from .restore import Feeder, StoredArtifact
 
 READ_SIZE = 256 * 1024
@@ -102,6 +104,7 @@ class Supervisor(ProcessControl):
         self._capture_progress_at = 0.0
         self.compression = choose(False, "none", 0)
         self.key: bytes | None = None
+        self.identities: list[X25519Identity] = []
 
     def announce(self) -> None:
         """Events known before the child starts (the bus is up, or buffering, by now)."""
@@ -119,7 +122,35 @@ class Supervisor(ProcessControl):
         safe_relative(self.stdout_artifact)
         self.compression = choose(s.compress, s.compress_algorithm, s.compress_level)
         if s.encrypt:
+            has_key = key_secret is not None and bool(key_secret.reveal().strip())
+            self.key = parse_key(key_secret) if has_key else None
+            # built once now so a bad combination is a config error before the child runs;
+            # every attempt gets its own (fresh salt or file key) in `new_sink`
+            self._encryptor()
+            if s.encrypt_recipients:
+                self.log.info(
+                    "artifacts encrypted to age recipients",
+                    recipients=list(s.encrypt_recipients),
+                )
+
+    def prepare_restore(self, key_secret: Secret | None, identity: Secret | None) -> None:
+        """The key and the age identities a restore may need, parsed before anything runs."""
+        if key_secret is not None and key_secret.reveal().strip():
             self.key = parse_key(key_secret)
+        if identity is not None and identity.reveal().strip():
+            from .age import parse_identities
+
+            self.identities = parse_identities(identity, IDENTITY_VARIABLE)
+
+    def _encryptor(self) -> StreamEncryptor | AgeEncryptor | None:
+        s = self.settings
+        if not s.encrypt:
+            return None
+        # a symmetric key takes the algorithm with its default (an agent's schema may
+        # change that); recipients only what was set, so that none implies chacha20
+        recipients = s.encrypt_recipients
+        algorithm = s.encrypt_algorithm_given if recipients else s.encrypt_algorithm
+        return new_encryptor(self.key, algorithm, recipients)
 
     def checkpoint(self) -> None:
         """Between INITIALIZING steps: a SIGTERM/SIGINT ends the job; so does the phase timeout."""
@@ -198,7 +229,7 @@ class Supervisor(ProcessControl):
             child.fds.remove(child.stdin_fd)  # the feeder owns and closes it
             from .restore import Feeder
 
-            self.feeder = Feeder(self.restore_source, child.stdin_fd, self.key)
+            self.feeder = Feeder(self.restore_source, child.stdin_fd, self.key, self.identities)
             self.feeder.start()
         selector = selectors.DefaultSelector()
         splitters: dict[int, tuple[str, LineSplitter]] = {}
@@ -292,7 +323,7 @@ class Supervisor(ProcessControl):
             parallelism=s.parallelism,
             split_size=s.split_size,
             key_id=s.encrypt_key_id,
-            encryptor=StreamEncryptor(self.key, s.encrypt_algorithm) if self.key else None,
+            encryptor=self._encryptor(),
         )
 
     def _capture(self, data: bytes) -> None:

@@ -218,20 +218,38 @@ def _log_report_error(error: dict[str, Any], *, command: str) -> int:
     help="The environment variable holding the key (hex or base64).",
 )
 @click.option(
+    "-i",
+    "--identity",
+    "identity_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An age identity file (as age-keygen writes it) for an age artifact; repeatable. "
+    "Else the identities in $BAQUP_SECRET_AGE_IDENTITY.",
+)
+@click.option(
     "--decompress",
     type=click.Choice(["auto", "zstd", "gzip", "lz4", "none"]),
     default="none",
     show_default=True,
-    help="Also decompress (auto: from the file name before .enc).",
+    help="Also decompress (auto: from the file name before .enc or .age).",
 )
-def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompress: str) -> int:
+def decrypt(
+    parts: tuple[Path, ...],
+    output: Path | None,
+    key_env: str,
+    identity_files: tuple[Path, ...],
+    decompress: str,
+) -> int:
     """Decrypt an encrypted artifact (its PARTS in order); fail loudly on any tampering.
 
+    Opens baqup-stream-v1 and v2 (the key from --key-env) and age files (identities
+    from -i FILE or BAQUP_SECRET_AGE_IDENTITY), told apart by their first bytes.
     A failure is logged with its code (DECRYPTION_FAILED, TRUNCATED, ...); with
     --output, stdout (not the plaintext's channel then) also gets a JSON report of it.
     """
+    from .age import parse_identities, read_identity_file
     from .compression import ChunkReader
-    from .encryption import decrypt_stream, parse_key
+    from .encryption import IDENTITY_VARIABLE, decrypt_stream, parse_key
     from .restore import ConcatReader, write_decoded
     from .secret import Secret
 
@@ -241,14 +259,20 @@ def decrypt(parts: tuple[Path, ...], output: Path | None, key_env: str, decompre
         else nullcontext()
     )
     with reported:
-        key = parse_key(Secret(os.environ.get(key_env, "")), key_env)
+        key_text = os.environ.get(key_env, "")
+        identity_text = os.environ.get(IDENTITY_VARIABLE, "")
+        identities = [i for path in identity_files for i in read_identity_file(path)]
+        if not identities and identity_text.strip():
+            identities = parse_identities(Secret(identity_text), IDENTITY_VARIABLE)
+        # with only identities given, no key is needed; the stream says which it wants
+        key = parse_key(Secret(key_text), key_env) if key_text.strip() or not identities else None
         algorithm = decompress
         if algorithm == "auto":
             from .restore import stored_compression
 
             algorithm = stored_compression(parts[0].name)
         with ConcatReader(parts) as reader:
-            write_decoded(ChunkReader(decrypt_stream(reader, key)), output, algorithm)
+            write_decoded(ChunkReader(decrypt_stream(reader, key, identities)), output, algorithm)
     return int(ExitCode.SUCCESS)
 
 

@@ -238,7 +238,7 @@ def test_valid_config_raises_nothing() -> None:
 def test_conditional_encryption_key_required() -> None:
     problem = only_problem(load_config(env_with(BAQUP_ARTIFACT_ENCRYPT="true")))
     assert problem.variable == "BAQUP_SECRET_ENCRYPTION_KEY"
-    ok = load_config(env_with(BAQUP_ARTIFACT_ENCRYPT="true", BAQUP_SECRET_ENCRYPTION_KEY="k" * 32))
+    ok = load_config(env_with(BAQUP_ARTIFACT_ENCRYPT="true", BAQUP_SECRET_ENCRYPTION_KEY="6b" * 32))
     assert ok.valid
 
 
