@@ -372,20 +372,6 @@ class Supervisor(ProcessControl):
 
     # --- restore: the artifact into stdin ------------------------------------------------
 
-    def verify_restore_source(self) -> None:
-        """Before the child starts: the artifact, every part, verified against the manifest."""
-        if not self.stdin_artifact:
-            return
-        from .restore import locate
-
-        self.restore_source = locate(self.settings.job_dir, self.stdin_artifact)
-        self.log.info(
-            "restore source verified",
-            artifact=self.stdin_artifact,
-            parts=len(self.restore_source.paths),
-            bytes=self.restore_source.size,
-        )
-
     def _check_feeder(self) -> None:
         feeder = self.feeder
         if feeder is None:

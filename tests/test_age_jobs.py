@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PYTHON, run_baqup
+from tests import jobs
 from tests.jobs import job_dir, log_records, start_job
 
 AGE_CHUNK = 64 * 1024
@@ -225,13 +226,13 @@ RECORDER = textwrap.dedent(
 
 
 def restore(env: Mapping[str, str], name: str, tmp_path: Path, **extra: str) -> tuple[int, Any]:
-    restore_env = {
-        **env,
-        "OUTPUT": str(tmp_path / "restored"),
-        "DONE": str(tmp_path / "eof"),
-        "BAQUP_ARTIFACT_ENCRYPT": "false",
+    restore_env = jobs.restore_env(
+        env,
+        OUTPUT=str(tmp_path / "restored"),
+        DONE=str(tmp_path / "eof"),
+        BAQUP_ARTIFACT_ENCRYPT="false",
         **extra,
-    }
+    )
     restore_env.pop("BAQUP_ARTIFACT_ENCRYPT_RECIPIENTS", None)
     args = ["--role", "restore", "--stdin-artifact", name, "--grace", "2"]
     job = start_job(
