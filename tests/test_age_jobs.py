@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, run_baqup
 from tests import jobs
+from tests.conftest import PYTHON, run_baqup
 from tests.jobs import job_dir, log_records, start_job
 
 AGE_CHUNK = 64 * 1024
