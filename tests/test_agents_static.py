@@ -811,7 +811,10 @@ def known_variables(agent: str) -> set[str]:
     contract = load_json(CONTRACT_SCHEMA)
     names = set(contract["properties"])
     for rule in contract.get("allOf", []):
-        names.update(rule.get("then", {}).get("required", []))
+        then = rule.get("then", {})
+        names.update(then.get("required", []))
+        for choice in then.get("anyOf", []):  # "one of these must be set"
+            names.update(choice.get("required", []))
     names.update(agent_schema(agent)["properties"])
     return names
 
