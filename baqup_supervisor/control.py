@@ -10,6 +10,7 @@ could keep the start of a secret).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from . import jsonutil
 from .contract import LogLevel
 from .secret import Redactor
 
+_BIG_INT = re.compile(rb"\d{20}")
 MAX_LINE = 64 * 1024
 MAX_EXCERPT = 200  # characters of the offending line in a PROTOCOL_ERROR event
 MAX_TYPE_SHOWN = 40  # characters of an unknown `type` named in the reason
@@ -208,6 +210,11 @@ def parse_message(line: bytes, truncated: bool = False) -> ControlMessage | Prot
         return ProtocolViolation("empty line")
     try:
         document = orjson.loads(stripped)
+        if _BIG_INT.search(stripped):  # orjson reads integers past 64 bits as floats
+            try:
+                document = json.loads(stripped)
+            except (RecursionError, ValueError):
+                pass  # deeper than the standard parser goes: orjson's reading stands
     except orjson.JSONDecodeError:
         return ProtocolViolation("not JSON", line)
     if not isinstance(document, dict):
