@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,6 +170,20 @@ def jobs() -> Iterator[list[Job]]:
     finally:
         for job in started:
             job.stop()
+
+
+@pytest.fixture
+def launch(jobs: list[Job], tmp_path: Path) -> Callable[[list[str], Mapping[str, str]], Job]:
+    """Start a baqup-run job (`start_job`, output under tmp_path/out), stopped by its PID at
+    the end like every job in `jobs`."""
+    from tests.jobs import start_job
+
+    def _launch(args: list[str], job_env: Mapping[str, str]) -> Job:
+        job = start_job(args, job_env, tmp_path / "out")
+        jobs.append(job)
+        return job
+
+    return _launch
 
 
 def run_baqup(

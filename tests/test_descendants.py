@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer
-from tests.jobs import Job, job_dir, prefix, read_hash, redis_env, start_job, wait_for
+from tests.jobs import job_dir, prefix, read_hash, redis_env, wait_for
 
 # Appends a numbered line to argv[1] every 0.1 s, argv[2] times: a dump still writing.
 SLOW_WRITER = (
@@ -41,20 +41,6 @@ def env(job_env: dict[str, str], redis_server: RedisServer) -> dict[str, str]:
     out["BAQUP_JOB_RETRY_MAX"] = "0"
     out["BAQUP_ARTIFACT_COMPRESS"] = "false"
     return out
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Any]:
-    started: list[Job] = []
-
-    def _launch(args: list[str], job_env: Mapping[str, str]) -> Job:
-        job = start_job(args, job_env, tmp_path / "out")
-        started.append(job)
-        return job
-
-    yield _launch
-    for job in started:
-        job.stop()
 
 
 def status_of(client: redis.Redis, env: Mapping[str, str]) -> dict[str, Any]:
