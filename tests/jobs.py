@@ -271,3 +271,17 @@ class NotifyListener:
 
     def close(self) -> None:
         self.pubsub.close()
+
+
+def job_keys(client: redis.Redis, env: dict[str, str]) -> dict[str, Any]:
+    """Every key of the job `env` names, with its value (hashes, streams, strings)."""
+    found: dict[str, Any] = {}
+    for key in client.scan_iter(match=f"{prefix(env)}*{env['BAQUP_JOB_ID']}*"):
+        kind = client.type(key)
+        if kind == "hash":
+            found[key] = client.hgetall(key)
+        elif kind == "stream":
+            found[key] = client.xrange(key)
+        else:
+            found[key] = client.get(key) if kind == "string" else kind
+    return found

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests import jobs
 from tests.conftest import PYTHON, REPO, RedisServer, free_port, run_baqup
 from tests.jobs import (
     NotifyListener,
@@ -233,16 +234,8 @@ def redis_dump(client: redis.Redis, key_prefix: str) -> str:
 
 
 def job_keys(client: redis.Redis, env: dict[str, str]) -> dict[str, Any]:
-    """Every key of the job `env` names (status, progress, events...), with its value."""
-    found: dict[str, Any] = {}
-    for key in client.scan_iter(match=f"{prefix(env)}*{env['BAQUP_JOB_ID']}*"):
-        kind = client.type(key)
-        if kind == "hash":
-            found[key] = client.hgetall(key)
-        elif kind == "stream":
-            found[key] = client.xrange(key)
-        else:
-            found[key] = client.get(key) if kind == "string" else kind
+    """Every key of the job `env` names, with its value; the job wrote some."""
+    found = jobs.job_keys(client, env)
     assert found, "the job wrote no key"
     return found
 

@@ -24,7 +24,15 @@ import pytest
 import redis
 
 from tests.conftest import PYTHON, RedisServer, python_child, run_baqup
-from tests.jobs import job_dir, log_records, prefix, read_hash, redis_env, restore_env
+from tests.jobs import (
+    job_dir,
+    job_keys,
+    log_records,
+    prefix,
+    read_hash,
+    redis_env,
+    restore_env,
+)
 
 DUMP = b"-- a dump\n" + bytes(range(256)) * 200
 
@@ -47,20 +55,6 @@ with open(os.environ["OUTPUT"], "wb") as out:
 with open(os.environ["OUTPUT"] + ".from", "w") as out:
     out.write(os.environ.get("BAQUP_RESTORE_FROM", ""))
 """
-
-
-def job_keys(client: redis.Redis, env: dict[str, str]) -> dict[str, Any]:
-    """Every key of the job `env` names, with its value (hashes, streams, strings)."""
-    found: dict[str, Any] = {}
-    for key in client.scan_iter(match=f"{prefix(env)}*{env['BAQUP_JOB_ID']}*"):
-        kind = client.type(key)
-        if kind == "hash":
-            found[key] = client.hgetall(key)
-        elif kind == "stream":
-            found[key] = client.xrange(key)
-        else:
-            found[key] = client.get(key) if kind == "string" else kind
-    return found
 
 
 def files_of(root: Path) -> dict[str, bytes]:
